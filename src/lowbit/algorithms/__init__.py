@@ -1,0 +1,11 @@
+"""Quantization algorithms, one file each, registered by name for recipes.
+
+Importing this package registers every built-in algorithm.
+"""
+
+from __future__ import annotations
+
+from lowbit.algorithms import rtn
+from lowbit.algorithms.base import ALGORITHMS, Algorithm, BlockContext, build_algorithm, register
+
+__all__ = ["ALGORITHMS", "Algorithm", "BlockContext", "build_algorithm", "register", "rtn"]

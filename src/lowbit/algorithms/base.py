@@ -1,0 +1,100 @@
+"""What every algorithm sees: the block being quantized, its calibration inputs, a registry.
+
+Transforms change float weights into an equivalent block; quantizers turn target weights into
+``QuantizedWeight``s (``ctx.qweights``). The pipeline swaps in QuantLinear modules afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from lowbit.archs import Arch
+from lowbit.errors import LowbitError
+from lowbit.hooks import forward_hooks
+from lowbit.qweight import QuantizedWeight
+from lowbit.scheme import QuantSpec, Scheme
+
+
+@dataclass
+class BlockContext:
+    """One decoder block during quantization.
+
+    ``inputs``: per calibration batch, the block's hidden states (B, T, H) and the keyword
+    arguments the model passed to it (position embeddings, masks). ``targets``: relative module
+    name -> the Linear to quantize; ``specs``: its (weights, input_activations) specs.
+    """
+
+    block: nn.Module
+    index: int
+    prefix: str
+    arch: Arch
+    scheme: Scheme
+    inputs: list[tuple[torch.Tensor, dict[str, Any]]]
+    targets: dict[str, nn.Linear]
+    specs: dict[str, tuple[QuantSpec | None, QuantSpec | None]]
+    qweights: dict[str, QuantizedWeight] = field(default_factory=dict)
+    stats: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @torch.no_grad()
+    def forward(self, hooks: Mapping[nn.Module, Callable[..., Any]] | None = None) -> list[torch.Tensor]:
+        """Run the block over every calibration batch; returns the output hidden states per batch."""
+        outs = []
+        with forward_hooks(hooks or {}):
+            for hidden, kwargs in self.inputs:
+                out = self.block(hidden, **kwargs)
+                outs.append(out[0] if isinstance(out, tuple) else out)
+        return outs
+
+
+class Algorithm(ABC):
+    """Base of registered algorithms. Subclasses are dataclasses of their parameters."""
+
+    name: ClassVar[str]
+    kind: ClassVar[str]  # "transform" or "quantizer"
+
+    @abstractmethod
+    def apply(self, ctx: BlockContext) -> None:
+        """Change ``ctx.block``'s float weights (a transform) or fill ``ctx.qweights`` (a quantizer)."""
+
+
+ALGORITHMS: dict[str, type[Algorithm]] = {}
+
+
+def register(name: str, kind: str) -> Callable[[type[Algorithm]], type[Algorithm]]:
+    """Class decorator: make an algorithm available to recipes as ``name``."""
+
+    def deco(cls: type[Algorithm]) -> type[Algorithm]:
+        cls.name, cls.kind = name, kind
+        ALGORITHMS[name] = cls
+        return cls
+
+    return deco
+
+
+def build_algorithm(name: str, params: Mapping[str, Any]) -> Algorithm:
+    """Instantiate a registered algorithm, with errors naming unknown steps or parameters."""
+    if name not in ALGORITHMS:
+        close = difflib.get_close_matches(name, list(ALGORITHMS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise LowbitError(f"unknown recipe step {name!r}{hint}; available: {', '.join(sorted(ALGORITHMS))}")
+    cls = ALGORITHMS[name]
+    valid: list[str] = [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
+    for key in params:
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise LowbitError(
+                f"step {name!r}: unknown parameter {key!r}{hint}; valid: {', '.join(valid) or 'none'}"
+            )
+    try:
+        return cls(**params)
+    except (TypeError, ValueError) as e:
+        raise LowbitError(f"step {name!r}: {e}") from None

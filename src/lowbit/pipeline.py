@@ -1,0 +1,212 @@
+"""The layer-by-layer runner.
+
+1. Run the model on the calibration batches up to the first decoder block and keep that
+   block's inputs (hidden states and the keyword arguments the model passes it).
+2. For each block: run it in float over its inputs, observing static activation / KV ranges
+   and keeping the float outputs; apply the recipe's steps (transforms, then a quantizer);
+   swap the targeted linears for QuantLinear; run the quantized block over the same inputs,
+   measuring each layer's output error, and pass its outputs on as the next block's inputs.
+
+Working memory is one block plus its calibration activations; errors are seen where they
+accumulate because every block is calibrated on the outputs of the quantized blocks before it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from lowbit.algorithms import Algorithm, BlockContext, build_algorithm
+from lowbit.archs import decoder_blocks, get_arch
+from lowbit.errors import LowbitError
+from lowbit.hooks import StopForward, capture_inputs
+from lowbit.kvcache import attach_kv_quantizers
+from lowbit.modules import ActQuantizer, QuantLinear
+from lowbit.observers import Observer, make_observer
+from lowbit.primitives import fake_quantize_range
+from lowbit.scheme import QuantSpec, Recipe
+
+
+@dataclass
+class LayerReport:
+    name: str
+    weights: str
+    activations: str
+    rel_error: float  # ||y_q - y||^2 / ||y||^2 of the layer's output on calibration inputs
+    bits_per_weight: float
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class RunReport:
+    recipe: Recipe
+    layers: list[LayerReport]
+    block_errors: list[float]
+    seconds: float
+    n_samples: int
+    seq_len: int
+
+    def to_dict(self) -> dict[str, Any]:
+        from lowbit.scheme import to_dict
+
+        return {
+            "recipe": to_dict(self.recipe),
+            "layers": [vars(layer) for layer in self.layers],
+            "block_errors": self.block_errors,
+            "seconds": self.seconds,
+            "calibration": {"samples": self.n_samples, "seq_len": self.seq_len},
+        }
+
+
+def _observer(spec: QuantSpec) -> Observer:
+    args = dict(spec.observer_args)
+    if spec.observer == "mse":
+        args["fake_quant"] = lambda x, lo, hi: fake_quantize_range(
+            x, lo, hi, spec.fmt, spec.symmetric, spec.scale_dtype
+        )
+    return make_observer(spec.observer, **args)
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: nn.Module, first_block: nn.Module, calib: torch.Tensor, batch_size: int
+) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+    """Hidden states and kwargs entering the first decoder block, one entry per batch."""
+    store: list[tuple[torch.Tensor, dict[str, Any]]] = []
+    with capture_inputs(first_block, store):
+        for batch in calib.split(batch_size):
+            with contextlib.suppress(StopForward):
+                model(input_ids=batch, use_cache=False)
+    return store
+
+
+def _targets(block: nn.Module, prefix: str, recipe: Recipe) -> tuple[dict[str, nn.Linear], dict[str, Any]]:
+    targets, specs = {}, {}
+    for name, module in block.named_modules():
+        full = f"{prefix}.{name}"
+        if isinstance(module, nn.Linear) and recipe.scheme.is_target(full, module):
+            w, a = recipe.scheme.specs_for(full, module)
+            if w is not None or a is not None:
+                targets[name], specs[name] = module, (w, a)
+    return targets, specs
+
+
+def quantize_model(
+    model: nn.Module, recipe: Recipe, calib: torch.Tensor, batch_size: int = 8, progress: bool = True
+) -> RunReport:
+    """Quantize ``model`` in place with ``recipe`` on calibration token ids ``calib`` (n, T)."""
+    start = time.perf_counter()
+    algorithms: list[Algorithm] = [build_algorithm(s.name, s.params) for s in recipe.steps]
+    has_quantizer = any(a.kind == "quantizer" for a in algorithms)
+    if recipe.scheme.weights is not None and not has_quantizer:
+        raise LowbitError(f"recipe {recipe.name!r} quantizes weights but has no quantizer step (e.g. rtn)")
+    arch = get_arch(model)
+    blocks = decoder_blocks(model, arch)
+    model.eval()
+    kv_quants = []
+    if recipe.scheme.kv_cache is not None:
+        attns = [b.get_submodule(arch.attention) for b in blocks]
+        kv_quants = attach_kv_quantizers(model, attns, recipe.scheme.kv_cache)
+
+    inputs = capture_block_inputs(model, blocks[0], calib, batch_size)
+    layers: list[LayerReport] = []
+    block_errors: list[float] = []
+    bar = tqdm(range(len(blocks)), desc=f"quantize {recipe.name}", unit="block", disable=not progress)
+    for i in bar:
+        ctx = _quantize_block(
+            blocks[i], i, f"{arch.blocks}.{i}", arch, recipe, inputs, algorithms, kv_quants, layers
+        )
+        inputs, err = ctx
+        block_errors.append(err)
+        recent = {
+            r.name.rsplit(".", 1)[-1][:6]: f"{r.rel_error:.1e}"
+            for r in layers[-7:]
+            if r.name.startswith(f"{arch.blocks}.{i}.")
+        }
+        bar.set_postfix({"block_err": f"{err:.2e}", **recent})
+    return RunReport(
+        recipe, layers, block_errors, time.perf_counter() - start, calib.shape[0], calib.shape[1]
+    )
+
+
+def _observe_input(observer: Observer) -> Callable[..., None]:
+    def hook(_m: nn.Module, inp: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
+        observer.update(inp[0])
+
+    return hook
+
+
+def _quantize_block(block, index, prefix, arch, recipe, inputs, algorithms, kv_quants, layers):
+    targets, specs = _targets(block, prefix, recipe)
+    ctx = BlockContext(block, index, prefix, arch, recipe.scheme, inputs, targets, specs)
+
+    # 1. float pass: static activation ranges, static KV ranges, reference outputs
+    observers = {n: _observer(a) for n, (_, a) in specs.items() if a is not None and not a.dynamic}
+    hooks: dict[nn.Module, Callable[..., None]] = {
+        targets[n]: _observe_input(o) for n, o in observers.items()
+    }
+    kvq = kv_quants[index] if kv_quants else None
+    if kvq is not None:
+        kvq.enabled = False  # the reference outputs are the float block's
+    float_out = ctx.forward(hooks)
+    if kvq is not None:
+        if kvq.observing:
+            kvq.finish_calibration()
+        kvq.enabled = True
+
+    # 2. the recipe's steps
+    for algorithm in algorithms:
+        algorithm.apply(ctx)
+
+    # 3. swap in QuantLinear
+    float_weights = {}
+    for name, linear in targets.items():
+        wspec, aspec = specs[name]
+        act = ActQuantizer(aspec) if aspec is not None else None
+        if act is not None and name in observers:
+            act.set_range(*observers[name].range())
+        float_weights[name] = (linear.weight.detach().clone(), linear.bias)
+        block.set_submodule(name, QuantLinear.from_linear(linear, ctx.qweights.get(name), act))
+
+    # 4. quantized pass: per-layer errors, outputs for the next block
+    sums = {name: torch.zeros(2, dtype=torch.float64) for name in targets}
+
+    def err_hook(name: str):
+        w, b = float_weights[name]
+
+        def hook(_m: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+            ref = F.linear(inp[0], w, b)
+            sums[name] += torch.stack([(out - ref).double().pow(2).sum(), ref.double().pow(2).sum()])
+
+        return hook
+
+    quant_out = ctx.forward({block.get_submodule(n): err_hook(n) for n in targets})
+    num = sum(float((q - f).double().pow(2).sum()) for q, f in zip(quant_out, float_out, strict=True))
+    den = sum(float(f.double().pow(2).sum()) for f in float_out)
+    for name in targets:
+        module = block.get_submodule(name)
+        assert isinstance(module, QuantLinear)
+        wspec, aspec = specs[name]
+        e, r = sums[name].tolist()
+        layers.append(
+            LayerReport(
+                name=f"{prefix}.{name}",
+                weights=wspec.describe() if wspec else "float",
+                activations=aspec.describe() if aspec else "float",
+                rel_error=e / r if r > 0 else 0.0,
+                bits_per_weight=module.qweight.bits_per_weight()
+                if module.qweight is not None
+                else module.weight.element_size() * 8.0,
+                extra=ctx.stats.get(name, {}),
+            )
+        )
+    next_inputs = [(q, kw) for q, (_, kw) in zip(quant_out, inputs, strict=True)]
+    return next_inputs, num / den if den > 0 else 0.0

@@ -1,0 +1,115 @@
+"""QuantizedWeight: a linear layer's weight as unpacked codes plus scales and zero points.
+
+Layout, for a weight of shape (out, in) split into G groups along the input dimension:
+
+- ``codes``: (out, in) int8/uint8. Integer formats hold the grid value ``q`` (zero point
+  included); float formats hold the bit pattern of the grid value.
+- ``scale``: (out, G) or (1, 1) for per-tensor, in the spec's scale dtype.
+- ``zero_point``: same shape as ``scale``, float32 holding integers (0 for symmetric signed and
+  float formats).
+- ``g_idx``: (in,) int64, the group of each input column (``arange(in) // group_size`` unless an
+  algorithm reordered columns).
+
+``dequantize()`` gives ``scale[:, g_idx] * (q - zero_point[:, g_idx])`` in float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.errors import LowbitError
+from lowbit.observers import row_range
+from lowbit.primitives import SCALE_DTYPES, fake_quantize_range, group_index, qparams, quantize
+from lowbit.scheme import QuantSpec
+
+
+@dataclass
+class QuantizedWeight:
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    g_idx: torch.Tensor
+    spec: QuantSpec
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.codes.shape[0], self.codes.shape[1])
+
+    def grid_values(self) -> torch.Tensor:
+        """(out, in) float32 grid values ``q`` decoded from the codes."""
+        return self.spec.fmt.from_codes(self.codes)
+
+    def dequantize(self) -> torch.Tensor:
+        """(out, in) float32 weight."""
+        scale = self.scale.to(torch.float32)[:, self.g_idx]
+        zp = self.zero_point.to(torch.float32)[:, self.g_idx]
+        return (self.grid_values() - zp) * scale
+
+    def bits_per_weight(self) -> float:
+        """Code bits plus the amortised cost of scales (and zero points when not symmetric)."""
+        out, inp = self.shape
+        per_param = self.scale.element_size() * 8 if self.spec.scale_dtype != "pow2" else 8
+        extra = self.scale.numel() * per_param
+        if not self.spec.symmetric:
+            extra += self.zero_point.numel() * self.spec.bits
+        return self.spec.bits + extra / (out * inp)
+
+
+def weight_ranges(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Observed (lo, hi) of each group of ``w`` (out, in) -> two (out, G) (or (1, 1)) tensors."""
+    fmt = spec.fmt
+
+    def fake(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        return fake_quantize_range(x, lo, hi, fmt, spec.symmetric, spec.scale_dtype)
+
+    def ranges(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return row_range(rows, spec.observer, fake_quant=fake, **spec.observer_args)
+
+    out, inp = w.shape
+    if spec.granularity == "tensor":
+        lo, hi = ranges(w.reshape(1, -1))
+        return lo.reshape(1, 1), hi.reshape(1, 1)
+    if spec.granularity == "channel":
+        lo, hi = ranges(w)
+        return lo[:, None], hi[:, None]
+    gs = spec.group_size
+    assert gs is not None
+    if gs > inp:
+        raise LowbitError(
+            f"group_size {gs} is larger than the input dimension {inp}; use a smaller group or per-channel"
+        )
+    full = (inp // gs) * gs
+    lo, hi = ranges(w[:, :full].reshape(-1, gs))
+    lo, hi = lo.reshape(out, -1), hi.reshape(out, -1)
+    if full < inp:  # a last, shorter group
+        lo_t, hi_t = ranges(w[:, full:])
+        lo, hi = torch.cat([lo, lo_t[:, None]], 1), torch.cat([hi, hi_t[:, None]], 1)
+    return lo, hi
+
+
+def quantize_weight(
+    w: torch.Tensor, spec: QuantSpec, ranges: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> QuantizedWeight:
+    """Round-to-nearest quantization of a weight (out, in) with ``spec``.
+
+    ``ranges``: optional (lo, hi) per group, e.g. from a clipping search; by default they come
+    from the spec's observer. Non-finite weights raise ``LowbitError``.
+    """
+    if w.dim() != 2:
+        raise LowbitError(f"expected a 2-D weight (out, in), got shape {tuple(w.shape)}")
+    w = w.detach().to(torch.float32)
+    if not torch.isfinite(w).all():
+        raise LowbitError("the weight contains NaN or inf; the model file is damaged or was trained unstably")
+    lo, hi = ranges if ranges is not None else weight_ranges(w, spec)
+    scale, zp = qparams(lo, hi, spec.fmt, spec.symmetric, spec.scale_dtype)
+    g_idx = group_index(w.shape[1], spec.group_size if spec.granularity == "group" else None)
+    q = quantize(w, scale[:, g_idx], zp[:, g_idx], spec.fmt)
+    return QuantizedWeight(
+        codes=spec.fmt.to_codes(q),
+        scale=scale.to(SCALE_DTYPES[spec.scale_dtype]),
+        zero_point=zp,
+        g_idx=g_idx,
+        spec=spec,
+    )

@@ -1,0 +1,306 @@
+"""What is quantized and how: ``QuantSpec`` for one tensor, ``Scheme`` for a model, ``Recipe``.
+
+The scheme says what the numbers mean (the format a runtime must honour); the recipe's steps
+say how they were chosen (RTN, GPTQ, ...) and are kept only as provenance. Both are frozen
+dataclasses that round-trip through plain dicts and YAML; reading rejects unknown or
+misspelled fields with a message that names the field's path and suggests the right name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lowbit.errors import LowbitError
+from lowbit.formats import Format, IntFormat, get_format
+from lowbit.primitives import SCALE_DTYPES
+
+GRANULARITIES = ("tensor", "channel", "group", "token", "head")
+OBSERVER_NAMES = ("minmax", "moving_average", "percentile", "entropy", "mse")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one kind of tensor is quantized.
+
+    ``granularity``: ``tensor`` (one scale), ``channel`` (one per output channel of a weight),
+    ``group`` (``group_size`` consecutive input columns of each output channel; the last group
+    may be shorter), ``token`` (dynamic, one per token vector), ``head`` (KV cache: one per
+    attention head). ``dynamic`` ranges are computed at run time; static ones come from the
+    ``observer`` on calibration data (weights are always observed directly).
+    """
+
+    format: str = "int4"
+    granularity: str = "group"
+    group_size: int | None = 128
+    symmetric: bool = True
+    dynamic: bool = False
+    observer: str = "minmax"
+    observer_args: Mapping[str, Any] = field(default_factory=dict)
+    scale_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        fmt = get_format(self.format)
+        if self.granularity not in GRANULARITIES:
+            raise LowbitError(f"granularity {self.granularity!r} is not one of {list(GRANULARITIES)}")
+        if self.granularity == "group":
+            if not isinstance(self.group_size, int) or self.group_size < 1:
+                raise LowbitError(
+                    f"granularity 'group' needs a positive integer group_size, got {self.group_size!r}"
+                )
+        elif self.group_size is not None:
+            object.__setattr__(self, "group_size", None)
+        if not self.symmetric and not isinstance(fmt, IntFormat):
+            raise LowbitError(f"{self.format} is a float format: only symmetric=true is possible")
+        if self.granularity == "token" and not self.dynamic:
+            raise LowbitError("granularity 'token' is computed at run time: set dynamic=true")
+        if self.observer not in OBSERVER_NAMES:
+            raise LowbitError(f"observer {self.observer!r} is not one of {list(OBSERVER_NAMES)}")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise LowbitError(f"scale_dtype {self.scale_dtype!r} is not one of {list(SCALE_DTYPES)}")
+
+    @property
+    def fmt(self) -> Format:
+        return get_format(self.format)
+
+    @property
+    def bits(self) -> int:
+        return self.fmt.bits
+
+    def describe(self) -> str:
+        """Short human form, e.g. ``int4 g128 sym`` or ``int8 token dyn``."""
+        gran = f"g{self.group_size}" if self.granularity == "group" else self.granularity
+        parts = [self.format, gran, "sym" if self.symmetric else "asym"]
+        if self.dynamic:
+            parts.append("dyn")
+        if self.observer != "minmax":
+            parts.append(self.observer)
+        return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class Override:
+    """Different specs for modules matching ``pattern``; ``None`` leaves that tensor in float."""
+
+    pattern: str
+    weights: QuantSpec | None
+    input_activations: QuantSpec | None
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """What is quantized in a model.
+
+    ``targets`` and ``ignore`` are module patterns: ``re:REGEX`` (full match on the module's
+    dotted name), a class name such as ``Linear``, or a name suffix such as ``lm_head`` or
+    ``mlp.down_proj``. ``ignore`` wins over ``targets``; the first matching override wins.
+    """
+
+    weights: QuantSpec | None = None
+    input_activations: QuantSpec | None = None
+    kv_cache: QuantSpec | None = None
+    targets: tuple[str, ...] = ("Linear",)
+    ignore: tuple[str, ...] = ("lm_head",)
+    overrides: tuple[Override, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.weights is not None and self.weights.granularity in ("token", "head"):
+            raise LowbitError(f"weights cannot use granularity {self.weights.granularity!r}")
+        if self.weights is not None and self.weights.dynamic:
+            raise LowbitError("weights are quantized once: dynamic=true is for activations")
+        acts = self.input_activations
+        if acts is not None and acts.granularity not in ("tensor", "token"):
+            raise LowbitError("input_activations use granularity 'tensor' (static) or 'token' (dynamic)")
+        kv = self.kv_cache
+        if kv is not None and kv.granularity not in ("tensor", "head", "token"):
+            raise LowbitError("kv_cache uses granularity 'tensor', 'head' or 'token'")
+
+    def is_target(self, name: str, module: Any) -> bool:
+        cls = type(module).__name__
+        if any(_matches(p, name, cls) for p in self.ignore):
+            return False
+        return any(_matches(p, name, cls) for p in self.targets)
+
+    def specs_for(self, name: str, module: Any) -> tuple[QuantSpec | None, QuantSpec | None]:
+        """(weights, input_activations) specs for one module, after overrides."""
+        cls = type(module).__name__
+        for o in self.overrides:
+            if _matches(o.pattern, name, cls):
+                return o.weights, o.input_activations
+        return self.weights, self.input_activations
+
+    def describe(self) -> str:
+        bits = []
+        if self.weights:
+            bits.append(f"W: {self.weights.describe()}")
+        if self.input_activations:
+            bits.append(f"A: {self.input_activations.describe()}")
+        if self.kv_cache:
+            bits.append(f"KV: {self.kv_cache.describe()}")
+        return "; ".join(bits) or "nothing quantized"
+
+
+def _matches(pattern: str, name: str, cls: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return pattern == cls or name == pattern or name.endswith("." + pattern)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One algorithm step of a recipe: its registered name and its parameters."""
+
+    name: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A scheme and the ordered algorithm steps (transforms, then a quantizer) that realise it."""
+
+    scheme: Scheme
+    steps: tuple[Step, ...] = (Step("rtn"),)
+    name: str = "custom"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "scheme": to_dict(self.scheme),
+            "steps": [{s.name: dict(s.params)} for s in self.steps],
+        }
+
+
+# --- dict / YAML -----------------------------------------------------------------------------------
+
+
+def _check_fields(data: Mapping[str, Any], cls: type, where: str) -> None:
+    if not isinstance(data, Mapping):
+        raise LowbitError(f"{where}: expected a mapping of fields, got {type(data).__name__}")
+    valid = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise LowbitError(f"{where}: unknown field {key!r}{hint}; valid fields: {', '.join(valid)}")
+
+
+def spec_from_dict(
+    data: Mapping[str, Any] | None, where: str, base: QuantSpec | None = None
+) -> QuantSpec | None:
+    """Build a QuantSpec; with ``base``, ``data`` only needs the fields that differ."""
+    if data is None:
+        return None
+    _check_fields(data, QuantSpec, where)
+    try:
+        return dataclasses.replace(base, **data) if base else QuantSpec(**data)
+    except LowbitError as e:
+        raise LowbitError(f"{where}: {e}") from None
+    except TypeError as e:
+        raise LowbitError(f"{where}: {e}") from None
+
+
+def scheme_from_dict(data: Mapping[str, Any], where: str = "scheme") -> Scheme:
+    _check_fields(data, Scheme, where)
+    weights = spec_from_dict(data.get("weights"), f"{where}.weights")
+    acts = spec_from_dict(data.get("input_activations"), f"{where}.input_activations")
+    overrides = []
+    for i, o in enumerate(data.get("overrides", ()) or ()):
+        w_o = f"{where}.overrides[{i}]"
+        _check_fields(o, Override, w_o)
+        if "pattern" not in o:
+            raise LowbitError(f"{w_o}: an override needs a 'pattern'")
+        ow = spec_from_dict(o["weights"], f"{w_o}.weights", weights) if "weights" in o else weights
+        oa = (
+            spec_from_dict(o["input_activations"], f"{w_o}.input_activations", acts)
+            if "input_activations" in o
+            else acts
+        )
+        overrides.append(Override(str(o["pattern"]), ow, oa))
+    try:
+        return Scheme(
+            weights=weights,
+            input_activations=acts,
+            kv_cache=spec_from_dict(data.get("kv_cache"), f"{where}.kv_cache"),
+            targets=tuple(data.get("targets", ("Linear",))),
+            ignore=tuple(data.get("ignore", ("lm_head",))),
+            overrides=tuple(overrides),
+        )
+    except LowbitError as e:
+        raise LowbitError(f"{where}: {e}") from None
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain-data form of a QuantSpec, Scheme or Recipe (lists for tuples, dicts for mappings)."""
+    if isinstance(obj, Recipe):
+        return obj.to_dict()
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple | list):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, Mapping):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def steps_from_list(data: Any, where: str = "steps") -> tuple[Step, ...]:
+    """``[{"rtn": {}}, {"gptq": {"block_size": 128}}]`` or ``["rtn"]`` -> Steps."""
+    if not isinstance(data, list) or not data:
+        raise LowbitError(f"{where}: expected a non-empty list of steps such as [{{rtn: {{}}}}]")
+    steps = []
+    for i, item in enumerate(data):
+        if isinstance(item, str):
+            steps.append(Step(item))
+        elif isinstance(item, Mapping) and len(item) == 1:
+            ((name, params),) = item.items()
+            if params is not None and not isinstance(params, Mapping):
+                raise LowbitError(f"{where}[{i}]: parameters of {name!r} must be a mapping")
+            steps.append(Step(str(name), dict(params or {})))
+        else:
+            raise LowbitError(f"{where}[{i}]: a step is a name or a one-key mapping {{name: {{params}}}}")
+    return tuple(steps)
+
+
+def recipe_from_dict(data: Mapping[str, Any], where: str = "recipe") -> Recipe:
+    """A recipe from plain data. ``preset: NAME`` starts from a preset; other keys replace its parts."""
+    from lowbit.presets import get_preset  # presets are built from this module
+
+    allowed = ("name", "preset", "scheme", "steps")
+    if not isinstance(data, Mapping):
+        raise LowbitError(f"{where}: expected a mapping with keys {allowed}")
+    for key in data:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise LowbitError(f"{where}: unknown field {key!r}{hint}; valid fields: {', '.join(allowed)}")
+    base = get_preset(str(data["preset"])) if "preset" in data else None
+    if "scheme" in data:
+        scheme = scheme_from_dict(data["scheme"], f"{where}.scheme")
+    elif base:
+        scheme = base.scheme
+    else:
+        raise LowbitError(f"{where}: give a 'scheme' or a 'preset' to start from")
+    steps = (
+        steps_from_list(data["steps"], f"{where}.steps")
+        if "steps" in data
+        else (base.steps if base else (Step("rtn"),))
+    )
+    return Recipe(scheme=scheme, steps=steps, name=str(data.get("name", base.name if base else "custom")))
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read a recipe YAML file (see ``recipe_from_dict``)."""
+    p = Path(path)
+    if not p.is_file():
+        raise LowbitError(f"recipe file {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise LowbitError(f"recipe file {p} is not valid YAML: {e}") from None
+    return recipe_from_dict(data or {}, where=p.name)
