@@ -148,7 +148,7 @@ def test_row_range_percentile_matches_torch_quantile_with_chunking(monkeypatch: 
     monkeypatch.setattr(obs_mod, "_QUANTILE_MAX", 120)  # two rows per torch.quantile call
     lo2, hi2 = row_range(x, "percentile", percentile=98.0)
     assert torch.equal(lo2, lo) and torch.equal(hi2, hi)
-    monkeypatch.setattr(obs_mod, "_QUANTILE_MAX", 20)  # rows longer than the limit: sort path
+    monkeypatch.setattr(obs_mod, "_QUANTILE_MAX", 20)  # rows longer than the limit: kthvalue path
     lo3, hi3 = row_range(x, "percentile", percentile=98.0)
     torch.testing.assert_close(lo3, lo, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(hi3, hi, rtol=1e-6, atol=1e-6)
@@ -294,6 +294,20 @@ def test_mse_row_range_beats_minmax_and_clips_outliers(monkeypatch: pytest.Monke
     monkeypatch.setattr(obs_mod, "_MSE_CHUNK", 600)  # two rows per chunk
     lo2, hi2 = row_range(x, "mse", fake_quant=int4_sym)
     assert torch.equal(lo2, lo) and torch.equal(hi2, hi)
+
+
+def test_mse_ties_keep_the_larger_range_and_nan_rows_keep_minmax() -> None:
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(10))
+    x[2] = 0.0  # int4_sym divides by a zero scale here: NaN error for every candidate
+
+    def flat(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x)  # same error for every candidate
+
+    for fq in (flat, int4_sym):
+        lo, hi = row_range(x, "mse", fake_quant=fq)
+        assert lo[2].item() == hi[2].item() == 0.0
+    lo, hi = row_range(x, "mse", fake_quant=flat)
+    assert torch.equal(lo, x.min(1).values) and torch.equal(hi, x.max(1).values)
 
 
 def test_mse_observer_equals_single_row_search() -> None:

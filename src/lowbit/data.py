@@ -14,7 +14,8 @@ A *source* is one of:
   non-empty row is one text. Needs ``pip install 'lowbit[datasets]'``.
 
 A source that looks like a path (starts with ``/``, ``./``, ``../`` or ``~``, has a file suffix such
-as ``.txt``, or has more than one ``/``) is never looked up with ``datasets``.
+as ``.txt``, or has more than one ``/``) is never looked up with ``datasets``, and an existing local
+path always wins over a ``datasets`` name of the same spelling.
 """
 
 from __future__ import annotations

@@ -23,8 +23,10 @@ SCALE_DTYPES: dict[str, torch.dtype] = {
 def _round_scale(scale: torch.Tensor, scale_dtype: str) -> torch.Tensor:
     """Restrict a positive float32 scale to what ``scale_dtype`` can hold (result float32)."""
     if scale_dtype == "pow2":
-        # round up to a power of two so the range is never clipped
-        rounded = torch.exp2(torch.ceil(torch.log2(scale)))
+        # round up to a power of two so the range is never clipped; frexp is exact, whereas
+        # log2 rounds a scale just above 2**k down to k and gave a smaller scale (clipping)
+        mant, exp = torch.frexp(scale)
+        rounded = torch.where(mant == 0.5, scale, torch.ldexp(torch.ones_like(scale), exp))
     else:
         rounded = scale.to(SCALE_DTYPES[scale_dtype]).to(torch.float32)
         # a scale that overflows the narrow dtype saturates to its largest finite value

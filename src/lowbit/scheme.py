@@ -111,13 +111,18 @@ class Scheme:
     overrides: tuple[Override, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.weights is not None and self.weights.granularity in ("token", "head"):
-            raise LowbitError(f"weights cannot use granularity {self.weights.granularity!r}")
-        if self.weights is not None and self.weights.dynamic:
-            raise LowbitError("weights are quantized once: dynamic=true is for activations")
-        acts = self.input_activations
-        if acts is not None and acts.granularity not in ("tensor", "token"):
-            raise LowbitError("input_activations use granularity 'tensor' (static) or 'token' (dynamic)")
+        # the overrides' specs obey the same rules as the scheme's own
+        pairs = [("", self.weights, self.input_activations)]
+        pairs += [(f"override {o.pattern!r}: ", o.weights, o.input_activations) for o in self.overrides]
+        for label, weights, acts in pairs:
+            if weights is not None and weights.granularity in ("token", "head"):
+                raise LowbitError(f"{label}weights cannot use granularity {weights.granularity!r}")
+            if weights is not None and weights.dynamic:
+                raise LowbitError(f"{label}weights are quantized once: dynamic=true is for activations")
+            if acts is not None and acts.granularity not in ("tensor", "token"):
+                raise LowbitError(
+                    f"{label}input_activations use granularity 'tensor' (static) or 'token' (dynamic)"
+                )
         kv = self.kv_cache
         if kv is not None and kv.granularity not in ("tensor", "head", "token"):
             raise LowbitError("kv_cache uses granularity 'tensor', 'head' or 'token'")
@@ -206,6 +211,16 @@ def spec_from_dict(
         raise LowbitError(f"{where}: {e}") from None
 
 
+def _patterns(data: Mapping[str, Any], key: str, default: tuple[str, ...], where: str) -> tuple[str, ...]:
+    """A list of module patterns; a bare string would otherwise become a tuple of characters."""
+    value = data.get(key, default)
+    if not isinstance(value, list | tuple) or not all(isinstance(p, str) for p in value):
+        raise LowbitError(
+            f"{where}.{key}: expected a list of module patterns such as [lm_head], got {value!r}"
+        )
+    return tuple(value)
+
+
 def scheme_from_dict(data: Mapping[str, Any], where: str = "scheme") -> Scheme:
     _check_fields(data, Scheme, where)
     weights = spec_from_dict(data.get("weights"), f"{where}.weights")
@@ -223,13 +238,16 @@ def scheme_from_dict(data: Mapping[str, Any], where: str = "scheme") -> Scheme:
             else acts
         )
         overrides.append(Override(str(o["pattern"]), ow, oa))
+    kv = spec_from_dict(data.get("kv_cache"), f"{where}.kv_cache")  # its errors name their own path
+    targets = _patterns(data, "targets", ("Linear",), where)
+    ignore = _patterns(data, "ignore", ("lm_head",), where)
     try:
         return Scheme(
             weights=weights,
             input_activations=acts,
-            kv_cache=spec_from_dict(data.get("kv_cache"), f"{where}.kv_cache"),
-            targets=tuple(data.get("targets", ("Linear",))),
-            ignore=tuple(data.get("ignore", ("lm_head",))),
+            kv_cache=kv,
+            targets=targets,
+            ignore=ignore,
             overrides=tuple(overrides),
         )
     except LowbitError as e:

@@ -1,0 +1,98 @@
+"""The small Python API: load, calibrate, quantize, save, load back, evaluate.
+
+>>> from lowbit import api
+>>> model, tok = api.load_model("demo")                   # Hub id, directory, .gguf or "demo"
+>>> calib = api.calibration_samples(tok, "demo", n_samples=32, seq_len=512)
+>>> report = api.quantize(model, "w4a16", calib)          # preset name, Recipe or YAML path
+>>> api.save_quantized(model, tok, "out/w4a16", report)
+>>> qmodel, tok, meta = api.load_quantized("out/w4a16")
+>>> result = api.evaluate(qmodel, api.eval_windows(tok, "demo"), baseline=model_fp)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit.checkpoint import is_quantized_dir, load_quantized
+from lowbit.checkpoint import save_quantized as _save
+from lowbit.data import calibration_samples, eval_windows, load_texts
+from lowbit.eval import EvalResult, evaluate
+from lowbit.models import load_model
+from lowbit.modules import QuantLinear
+from lowbit.pipeline import RunReport, quantize_model
+from lowbit.presets import get_preset
+from lowbit.scheme import Recipe, load_recipe, to_dict
+
+__all__ = [
+    "EvalResult",
+    "RunReport",
+    "bits_per_weight",
+    "calibration_samples",
+    "eval_windows",
+    "evaluate",
+    "is_quantized_dir",
+    "load_any",
+    "load_model",
+    "load_quantized",
+    "load_texts",
+    "quantize",
+    "resolve_recipe",
+    "save_quantized",
+]
+
+
+def resolve_recipe(recipe: str | Path | Recipe) -> Recipe:
+    """A Recipe from a preset name, a YAML file path or a Recipe."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    text = str(recipe)
+    if text.endswith((".yaml", ".yml")) or Path(text).is_file():
+        return load_recipe(text)
+    return get_preset(text)
+
+
+def quantize(
+    model: nn.Module,
+    recipe: str | Path | Recipe,
+    calib: torch.Tensor,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> RunReport:
+    """Quantize ``model`` in place; ``calib`` is (n, T) token ids from ``calibration_samples``."""
+    return quantize_model(model, resolve_recipe(recipe), calib, batch_size=batch_size, progress=progress)
+
+
+def save_quantized(
+    model: nn.Module, tokenizer: Any, out_dir: str | Path, report: RunReport, overwrite: bool = False
+) -> Path:
+    """Write a quantized model; the scheme, recipe and run report go into ``lowbit.json``."""
+    provenance = {
+        "scheme": to_dict(report.recipe.scheme),
+        "recipe": to_dict(report.recipe),
+        "report": report.to_dict(),
+        "base_model": getattr(getattr(model, "config", None), "_name_or_path", None),
+    }
+    return _save(model, tokenizer, out_dir, provenance, overwrite=overwrite)
+
+
+def load_any(spec: str) -> tuple[nn.Module, Any]:
+    """A lowbit checkpoint directory, or anything ``load_model`` accepts: (model, tokenizer)."""
+    if is_quantized_dir(spec):
+        model, tok, _ = load_quantized(spec)
+        return model, tok
+    return load_model(spec)
+
+
+def bits_per_weight(model: nn.Module) -> float | None:
+    """Average bits per weight over the quantized linears (codes + scales + zero points)."""
+    total_bits, total = 0.0, 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear) and m.qweight is not None:
+            n = m.in_features * m.out_features
+            total_bits += m.qweight.bits_per_weight() * n
+            total += n
+    return total_bits / total if total else None

@@ -1,0 +1,214 @@
+"""Save and load lowbit's own quantized checkpoints.
+
+A checkpoint directory holds ``config.json`` (the model's transformers config), the tokenizer
+files, ``model.safetensors`` and ``lowbit.json`` (format version, the scheme and recipe as
+provenance, and per quantized layer its shape and specs). For a quantized linear ``NAME``:
+
+- ``NAME.weight_packed`` uint8: the codes as unsigned integers (signed codes offset by
+  ``-qmin``; float codes are bit patterns), bit-packed LSB first (``lowbit.packing``);
+- ``NAME.weight_scale`` (out, G) in the scale dtype; ``NAME.weight_zero_point`` (out, G) int32
+  for asymmetric specs; ``NAME.weight_g_idx`` (in,) int64 only when columns were regrouped;
+- ``NAME.input_scale`` / ``NAME.input_zero_point`` for static activation quantization;
+- ``ATTN.k_scale`` / ``k_zero_point`` / ``v_scale`` / ``v_zero_point`` for a static KV cache.
+
+Every other tensor keeps its state-dict name. Writes go to a temporary directory that is
+renamed into place only when complete, so an existing output is never half-overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import init_empty_weights
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from lowbit.archs import decoder_blocks, get_arch
+from lowbit.errors import LowbitError
+from lowbit.kvcache import KVQuantizer, attach_kv_quantizers
+from lowbit.modules import ActQuantizer, QuantLinear
+from lowbit.packing import pack_bits, unpack_bits
+from lowbit.primitives import group_index, symmetric_zero_point
+from lowbit.qweight import QuantizedWeight
+from lowbit.scheme import QuantSpec, spec_from_dict, to_dict
+
+FORMAT_VERSION = 1
+META_FILE = "lowbit.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def _qweight_tensors(name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+    fmt = qw.spec.fmt
+    codes = qw.codes.to(torch.int16) - int(fmt.qmin) if not fmt.is_float else qw.codes
+    out = {
+        f"{name}.weight_packed": pack_bits(codes.to(torch.int16), fmt.bits),
+        f"{name}.weight_scale": qw.scale.contiguous(),
+    }
+    if not qw.spec.symmetric:
+        out[f"{name}.weight_zero_point"] = qw.zero_point.to(torch.int32).contiguous()
+    default = group_index(qw.shape[1], qw.spec.group_size if qw.spec.granularity == "group" else None)
+    if not torch.equal(qw.g_idx, default):
+        out[f"{name}.weight_g_idx"] = qw.g_idx.contiguous()
+    return out
+
+
+def _load_qweight(
+    name: str, shape: list[int], spec: QuantSpec, t: dict[str, torch.Tensor]
+) -> QuantizedWeight:
+    fmt = spec.fmt
+    out, inp = shape
+    packed = t.pop(f"{name}.weight_packed")
+    codes = unpack_bits(packed, fmt.bits, out * inp).reshape(out, inp)
+    codes = (codes.to(torch.int16) + int(fmt.qmin)).to(fmt.code_dtype) if not fmt.is_float else codes
+    scale = t.pop(f"{name}.weight_scale")
+    zp_t = t.pop(f"{name}.weight_zero_point", None)
+    zp = (
+        zp_t.to(torch.float32)
+        if zp_t is not None
+        else torch.full(scale.shape, float(symmetric_zero_point(fmt)))
+    )
+    g_idx = t.pop(f"{name}.weight_g_idx", None)
+    if g_idx is None:
+        g_idx = group_index(inp, spec.group_size if spec.granularity == "group" else None)
+    return QuantizedWeight(codes=codes, scale=scale, zero_point=zp, g_idx=g_idx, spec=spec)
+
+
+def save_quantized(
+    model: nn.Module, tokenizer: Any, out_dir: str | Path, provenance: dict[str, Any], overwrite: bool = False
+) -> Path:
+    """Write ``model`` (with QuantLinear modules) and its tokenizer to ``out_dir`` atomically."""
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise LowbitError(f"output {out} already exists; choose another --out or pass --overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    layers: dict[str, Any] = {}
+    skip: set[str] = set()
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            skip.update(f"{name}.{k}" for k, _ in module.named_buffers(recurse=True))
+            entry: dict[str, Any] = {"shape": [module.out_features, module.in_features], "weights": None}
+            if module.qweight is not None:
+                tensors.update(_qweight_tensors(name, module.qweight))
+                entry["weights"] = to_dict(module.qweight.spec)
+            else:
+                tensors[f"{name}.weight"] = module.weight
+            if module.bias is not None:
+                tensors[f"{name}.bias"] = module.bias
+            entry["input_activations"] = to_dict(module.act.spec) if module.act is not None else None
+            if module.act is not None and module.act.scale is not None and module.act.zero_point is not None:
+                tensors[f"{name}.input_scale"] = module.act.scale
+                tensors[f"{name}.input_zero_point"] = module.act.zero_point
+            layers[name] = entry
+        kvq = getattr(module, "lowbit_kv", None)
+        if isinstance(kvq, KVQuantizer):
+            for kind, (scale, zp) in kvq.qparams.items():
+                tensors[f"{name}.{kind}_scale"], tensors[f"{name}.{kind}_zero_point"] = scale, zp
+    seen: set[int] = set()
+    for key, value in model.state_dict().items():
+        if key in skip or "lowbit_kv" in key:
+            continue
+        ptr = value.data_ptr()
+        if ptr in seen:  # tied weights (lm_head = embed_tokens) are stored once
+            continue
+        seen.add(ptr)
+        tensors[key] = value
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    meta = {"format_version": FORMAT_VERSION, "layers": layers, **provenance}
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.config.save_pretrained(tmp)  # type: ignore[union-attr, operator]
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "lowbit": str(FORMAT_VERSION)})
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def is_quantized_dir(path: str | Path) -> bool:
+    return (Path(path) / META_FILE).is_file()
+
+
+def load_quantized(path: str | Path) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """Load a checkpoint written by ``save_quantized``: (model, tokenizer, lowbit metadata)."""
+    p = Path(path)
+    if not is_quantized_dir(p):
+        raise LowbitError(f"{p} is not a lowbit checkpoint (no {META_FILE}); quantize a model first")
+    try:
+        meta = json.loads((p / META_FILE).read_text())
+        tensors = load_file(str(p / WEIGHTS_FILE))
+    except (OSError, json.JSONDecodeError, SafetensorError) as e:
+        raise LowbitError(f"{p} is damaged or incomplete ({e}); quantize again") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise LowbitError(
+            f"{p} has lowbit format {meta.get('format_version')}, this lowbit reads {FORMAT_VERSION}"
+        )
+    config = AutoConfig.from_pretrained(p)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    try:
+        for name, entry in meta["layers"].items():
+            linear = model.get_submodule(name)
+            wspec = spec_from_dict(entry["weights"], f"{name}.weights")
+            aspec = spec_from_dict(entry["input_activations"], f"{name}.input_activations")
+            qw = _load_qweight(name, entry["shape"], wspec, tensors) if wspec else None
+            act = ActQuantizer(aspec) if aspec else None
+            if act is not None and f"{name}.input_scale" in tensors:
+                act.set_qparams(tensors.pop(f"{name}.input_scale"), tensors.pop(f"{name}.input_zero_point"))
+            fw = tensors.pop(f"{name}.weight", None)
+            bias = tensors.pop(f"{name}.bias", None)
+            dtype = fw.dtype if fw is not None else torch.float32
+            model.set_submodule(name, QuantLinear(qw, bias, act, float_weight=fw, dtype=dtype))
+        kv = meta.get("scheme", {}).get("kv_cache")
+        if kv:
+            _load_kv(model, spec_from_dict(kv, "kv_cache"), tensors)
+    except KeyError as e:
+        raise LowbitError(
+            f"{p} is missing tensor {e}; the checkpoint is incomplete, quantize again"
+        ) from None
+    missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+    model.tie_weights()
+    still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if still_meta or unexpected:
+        raise LowbitError(
+            f"{p} does not match its config: missing {still_meta[:5]}, unexpected {unexpected[:5]}"
+        )
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(p) if (p / "tokenizer_config.json").exists() else None
+    return model, tokenizer, meta
+
+
+def _load_kv(model: nn.Module, spec: QuantSpec | None, tensors: dict[str, torch.Tensor]) -> None:
+    if spec is None:
+        return
+    arch = get_arch(model)
+    blocks = decoder_blocks(model, arch)
+    prefixes = [f"{arch.blocks}.{i}.{arch.attention}" for i in range(len(blocks))]
+    quants = attach_kv_quantizers(model, [b.get_submodule(arch.attention) for b in blocks], spec)
+    for prefix, q in zip(prefixes, quants, strict=True):
+        q.observing = False
+        if not spec.dynamic:
+            for kind in ("k", "v"):
+                q.qparams[kind] = (
+                    tensors.pop(f"{prefix}.{kind}_scale"),
+                    tensors.pop(f"{prefix}.{kind}_zero_point"),
+                )

@@ -1,0 +1,217 @@
+"""``lowbit`` command line: thin commands over :mod:`lowbit.api`."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from lowbit.errors import LowbitError
+
+EPILOG = """examples:
+  lowbit quantize                                   # demo: SmolLM2-135M, w4a16, Shakespeare
+  lowbit quantize ./my-model --preset w8a8 --calib data.jsonl --out out/w8a8
+  lowbit quantize model.gguf --recipe recipe.yaml --calib wikitext:wikitext-2-raw-v1
+  lowbit eval out/w8a8 --baseline ./my-model --data wikitext:wikitext-2-raw-v1@test --json
+  lowbit presets
+"""
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--eval-windows", type=int, default=24, help="evaluation windows (default 24)")
+    p.add_argument("--eval-seq-len", type=int, default=512, help="tokens per evaluation window (default 512)")
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass (default 4)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lowbit",
+        description="Post-training quantization of LLMs: quantize, save, and measure what it cost.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    q = sub.add_parser(
+        "quantize",
+        help="quantize a model, save it, and evaluate it against the original",
+        description="Quantize MODEL with a preset or recipe, save it to --out, then evaluate it against the "
+        "original on held-out text (perplexity, KL divergence, top-1 agreement). With no arguments: the "
+        "demo model (SmolLM2-135M-Instruct from PyPI) with the default preset on Shakespeare.",
+    )
+    q.add_argument(
+        "model", nargs="?", default="demo", help="Hub id, local HF directory, .gguf file or 'demo'"
+    )
+    q.add_argument("--preset", default=None, help="preset name (see `lowbit presets`; default w4a16)")
+    q.add_argument("--recipe", default=None, help="recipe YAML file (scheme + steps); overrides --preset")
+    q.add_argument(
+        "--calib",
+        default="demo",
+        help="calibration text: .txt/.jsonl file, directory of .txt, datasets name (path[:config][@split]) or 'demo'",
+    )
+    q.add_argument("--samples", type=int, default=16, help="calibration samples (default 16)")
+    q.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sample (default 512)")
+    q.add_argument("--seed", type=int, default=0, help="seed for drawing calibration samples (default 0)")
+    q.add_argument("--out", default=None, help="output directory (default lowbit-out/<model>-<preset>)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    q.add_argument("--no-eval", action="store_true", help="skip the evaluation against the original")
+    q.add_argument(
+        "--eval-data", default=None, help="evaluation text (default: the --calib source's held-out split)"
+    )
+    _add_data_args(q)
+
+    e = sub.add_parser(
+        "eval",
+        help="perplexity, KL divergence and top-1 agreement of a model against a baseline",
+        description="Evaluate MODEL (a lowbit output directory or any model) on non-overlapping windows of "
+        "--data; with --baseline also KL(baseline || model) and top-1 agreement on the same windows.",
+    )
+    e.add_argument("model", help="lowbit output directory, Hub id, HF directory, .gguf or 'demo'")
+    e.add_argument("--baseline", default=None, help="the original model to compare against")
+    e.add_argument("--data", default="demo", help="evaluation text (same forms as --calib; default demo)")
+    _add_data_args(e)
+
+    sub.add_parser("presets", help="list the presets", description="List the presets, one per line.")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        if args.command == "presets":
+            return _presets()
+        if args.command == "quantize":
+            return _quantize(args)
+        return _eval(args)
+    except LowbitError as err:
+        print(f"lowbit: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lowbit: interrupted; no partial output was left in place", file=sys.stderr)
+        return 130
+
+
+def _presets() -> int:
+    from lowbit.presets import PRESETS
+
+    width = max(map(len, PRESETS))
+    for name, (text, scheme) in PRESETS.items():
+        print(f"{name:<{width}}  {scheme.describe():<40}  {text}")
+    return 0
+
+
+def _eval_rows(
+    model: Any, baseline: Any, tok: Any, args: argparse.Namespace, source: str
+) -> list[dict[str, Any]]:
+    from lowbit import api
+
+    windows = api.eval_windows(tok, source, seq_len=args.eval_seq_len, n_windows=args.eval_windows)
+    progress = not args.quiet
+    rows = []
+    if baseline is not None:
+        base = api.evaluate(
+            baseline, windows, batch_size=args.batch_size, progress=progress, desc="eval baseline"
+        )
+        rows.append({"model": "baseline", **base.to_dict()})
+    res = api.evaluate(
+        model, windows, baseline=baseline, batch_size=args.batch_size, progress=progress, desc="eval"
+    )
+    rows.append({"model": "quantized" if baseline is not None else "model", **res.to_dict()})
+    return rows
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from lowbit import api
+    from lowbit.presets import DEFAULT_PRESET
+
+    started = time.perf_counter()
+    recipe = api.resolve_recipe(args.recipe or args.preset or DEFAULT_PRESET)
+    out = Path(args.out or f"lowbit-out/{Path(args.model).stem}-{recipe.name}")
+    if out.exists() and not args.overwrite:
+        raise LowbitError(f"output {out} already exists; choose another --out or pass --overwrite")
+    model, tok = api.load_model(args.model)
+    calib = api.calibration_samples(
+        tok, args.calib, n_samples=args.samples, seq_len=args.seq_len, seed=args.seed
+    )
+    baseline = None if args.no_eval else copy.deepcopy(model)
+    report = api.quantize(model, recipe, calib, batch_size=args.batch_size, progress=not args.quiet)
+    api.save_quantized(model, tok, out, report, overwrite=args.overwrite)
+    size = (out / "model.safetensors").stat().st_size
+    summary: dict[str, Any] = {
+        "model": args.model,
+        "recipe": recipe.name,
+        "scheme": recipe.scheme.describe(),
+        "out": str(out),
+        "calibration": f"{calib.shape[0]} x {calib.shape[1]} tokens from {args.calib!r} (seed {args.seed})",
+        "bits_per_weight": api.bits_per_weight(model),
+        "file_mb": size / 2**20,
+        "quantize_seconds": report.seconds,
+    }
+    rows = [] if baseline is None else _eval_rows(model, baseline, tok, args, args.eval_data or args.calib)
+    summary["total_seconds"] = time.perf_counter() - started
+    if args.json:
+        print(json.dumps({"summary": summary, "eval": rows}, indent=1))
+        return 0
+    for key, value in summary.items():
+        shown = f"{value:.3f}" if isinstance(value, float) else value
+        print(f"{key:>16}: {shown}")
+    if rows:
+        print(_table(rows, args))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from lowbit import api
+
+    model, tok = api.load_any(args.model)
+    baseline = None
+    if args.baseline:
+        baseline, base_tok = api.load_any(args.baseline)
+        tok = tok or base_tok
+    if tok is None:
+        raise LowbitError(
+            f"{args.model} has no tokenizer files; give --baseline so its tokenizer can be used"
+        )
+    rows = _eval_rows(model, baseline, tok, args, args.data)
+    if args.json:
+        print(
+            json.dumps(
+                {"model": args.model, "baseline": args.baseline, "data": args.data, "eval": rows}, indent=1
+            )
+        )
+    else:
+        print(_table(rows, args))
+    return 0
+
+
+def _table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    from lowbit.eval import format_table
+
+    first = rows[0]
+    head = f"evaluation: {first['n_windows']} windows x {first['seq_len']} tokens ({first['n_tokens']} predicted)"
+    base_ppl = rows[0]["perplexity"] if len(rows) > 1 else None
+    for r in rows:
+        r["ppl_change"] = (r["perplexity"] / base_ppl - 1) if base_ppl and r is not rows[0] else None
+    columns = [
+        ("model", "model"),
+        ("perplexity", "perplexity"),
+        ("ppl_change", "change", "+.2%"),
+        ("kl", "KL (nats/tok)", ".5f"),
+        ("top1_agreement", "top-1 agree", ".2%"),
+        ("seconds", "eval s", ".1f"),
+    ]
+    return head + "\n" + format_table(rows, columns)  # type: ignore[arg-type]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

