@@ -149,14 +149,19 @@ def test_calibration_samples(tmp_path: Path, tok: PreTrainedTokenizerFast) -> No
         assert (windows == row).all(dim=1).any()
 
 
-def test_eval_windows_consecutive(tmp_path: Path, tok: PreTrainedTokenizerFast) -> None:
+def test_eval_windows_spread_and_non_overlapping(tmp_path: Path, tok: PreTrainedTokenizerFast) -> None:
     path = _write(tmp_path / "a.txt", WORDS * 10)
     stream = tokenize_texts(tok, load_texts(str(path), "eval"))
+    available = stream.numel() // 50
     w = eval_windows(tok, str(path), seq_len=50, n_windows=3)
     assert w.shape == (3, 50) and w.dtype == torch.int64
-    assert torch.equal(w.flatten(), stream[:150])
+    # window k is full window number floor(k * available / 3) of the stream: spread, aligned, disjoint
+    for k in range(3):
+        j = k * available // 3
+        assert torch.equal(w[k], stream[j * 50 : (j + 1) * 50])
+    assert available >= 6  # so the three windows are not simply the first three
     everything = eval_windows(tok, str(path), seq_len=50, n_windows=None)
-    assert everything.shape == (stream.numel() // 50, 50)
+    assert torch.equal(everything.flatten(), stream[: available * 50])
 
 
 def test_eval_windows_fewer_than_asked_warns(tmp_path: Path, tok: PreTrainedTokenizerFast) -> None:

@@ -63,7 +63,9 @@ def test_self_baseline(model: LlamaForCausalLM, windows: torch.Tensor) -> None:
         "seq_len",
         "n_tokens",
         "seconds",
+        "baseline_perplexity",
     }
+    assert res.baseline_perplexity == res.perplexity
 
 
 def test_perplexity_matches_hf_loss(model: LlamaForCausalLM, windows: torch.Tensor) -> None:

@@ -60,9 +60,7 @@ def _qweight_tensors(name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     return out
 
 
-def _load_qweight(
-    name: str, shape: list[int], spec: QuantSpec, t: dict[str, torch.Tensor]
-) -> QuantizedWeight:
+def _load_qweight(name: str, shape: list[int], spec: QuantSpec, t: dict[str, torch.Tensor]) -> QuantizedWeight:
     fmt = spec.fmt
     out, inp = shape
     packed = t.pop(f"{name}.weight_packed")
@@ -70,11 +68,7 @@ def _load_qweight(
     codes = (codes.to(torch.int16) + int(fmt.qmin)).to(fmt.code_dtype) if not fmt.is_float else codes
     scale = t.pop(f"{name}.weight_scale")
     zp_t = t.pop(f"{name}.weight_zero_point", None)
-    zp = (
-        zp_t.to(torch.float32)
-        if zp_t is not None
-        else torch.full(scale.shape, float(symmetric_zero_point(fmt)))
-    )
+    zp = zp_t.to(torch.float32) if zp_t is not None else torch.full(scale.shape, float(symmetric_zero_point(fmt)))
     g_idx = t.pop(f"{name}.weight_g_idx", None)
     if g_idx is None:
         g_idx = group_index(inp, spec.group_size if spec.granularity == "group" else None)
@@ -159,15 +153,14 @@ def load_quantized(path: str | Path) -> tuple[nn.Module, Any, dict[str, Any]]:
     except (OSError, json.JSONDecodeError, SafetensorError) as e:
         raise LowbitError(f"{p} is damaged or incomplete ({e}); quantize again") from None
     if meta.get("format_version") != FORMAT_VERSION:
-        raise LowbitError(
-            f"{p} has lowbit format {meta.get('format_version')}, this lowbit reads {FORMAT_VERSION}"
-        )
+        raise LowbitError(f"{p} has lowbit format {meta.get('format_version')}, this lowbit reads {FORMAT_VERSION}")
     config = AutoConfig.from_pretrained(p)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
     try:
         for name, entry in meta["layers"].items():
-            linear = model.get_submodule(name)
+            if not isinstance(model.get_submodule(name), nn.Linear):
+                raise LowbitError(f"{p}: {name} is not a linear layer of this model; the checkpoint does not match")
             wspec = spec_from_dict(entry["weights"], f"{name}.weights")
             aspec = spec_from_dict(entry["input_activations"], f"{name}.input_activations")
             qw = _load_qweight(name, entry["shape"], wspec, tensors) if wspec else None
@@ -181,17 +174,15 @@ def load_quantized(path: str | Path) -> tuple[nn.Module, Any, dict[str, Any]]:
         kv = meta.get("scheme", {}).get("kv_cache")
         if kv:
             _load_kv(model, spec_from_dict(kv, "kv_cache"), tensors)
+    except AttributeError as e:
+        raise LowbitError(f"{p} names a layer its config does not have ({e})") from None
     except KeyError as e:
-        raise LowbitError(
-            f"{p} is missing tensor {e}; the checkpoint is incomplete, quantize again"
-        ) from None
-    missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+        raise LowbitError(f"{p} is missing tensor {e}; the checkpoint is incomplete, quantize again") from None
+    _, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
     model.tie_weights()
     still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if still_meta or unexpected:
-        raise LowbitError(
-            f"{p} does not match its config: missing {still_meta[:5]}, unexpected {unexpected[:5]}"
-        )
+        raise LowbitError(f"{p} does not match its config: missing {still_meta[:5]}, unexpected {unexpected[:5]}")
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(p) if (p / "tokenizer_config.json").exists() else None
     return model, tokenizer, meta

@@ -116,9 +116,7 @@ def _parse_dataset_name(source: str) -> tuple[str, str | None, str | None]:
     name, _, split = source.partition("@")
     path, _, config = name.partition(":")
     if not path or (not split and source.endswith("@")) or (not config and name.endswith(":")):
-        raise LowbitError(
-            f"cannot parse datasets name {source!r}; use path, path:config or path:config@split"
-        )
+        raise LowbitError(f"cannot parse datasets name {source!r}; use path, path:config or path:config@split")
     return path, config or None, split or None
 
 
@@ -153,8 +151,7 @@ def _default_split(datasets: Any, path: str, config: str | None, split: str) -> 
         if candidate in available:
             return candidate
     raise LowbitError(
-        f"dataset {path!r} has none of the splits test/validation/train (it has {available}); "
-        "name one with '@split'"
+        f"dataset {path!r} has none of the splits test/validation/train (it has {available}); name one with '@split'"
     )
 
 
@@ -224,8 +221,10 @@ def calibration_samples(
 def eval_windows(
     tokenizer: PreTrainedTokenizerBase, source: str, seq_len: int = 512, n_windows: int | None = 40
 ) -> torch.Tensor:
-    """Consecutive non-overlapping ``seq_len`` windows from the start of the eval split of ``source``.
+    """Non-overlapping ``seq_len`` windows spread evenly over the eval split of ``source``.
 
+    The split is cut into consecutive full windows; ``n_windows`` of them are taken at evenly
+    spaced positions (window ``k`` is number ``floor(k * available / n)``), deterministic.
     ``n_windows=None`` takes every full window. If fewer full windows exist than asked, all of them
     are used and a warning says so. Returns int64 of shape (n, seq_len).
     """
@@ -242,4 +241,6 @@ def eval_windows(
             f"windows of {seq_len} tokens, fewer than the {n_windows} asked for; using {available}",
             stacklevel=2,
         )
-    return stream[: n * seq_len].reshape(n, seq_len).clone()
+    # spread the windows evenly over the whole split so every part of it is represented
+    starts = (torch.arange(n, dtype=torch.int64) * available // n) * seq_len
+    return stream[starts[:, None] + torch.arange(seq_len)[None, :]].clone()

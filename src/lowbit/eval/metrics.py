@@ -34,6 +34,7 @@ class EvalResult:
     seq_len: int
     n_tokens: int  # predicted tokens = n_windows * (seq_len - 1)
     seconds: float
+    baseline_perplexity: float | None = None  # the baseline's own perplexity on the same windows
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of all fields (JSON-serialisable)."""
@@ -175,7 +176,7 @@ def evaluate(
     for m in models:
         m.eval()
 
-    nll_sum = kl_sum = 0.0
+    nll_sum = kl_sum = base_nll_sum = 0.0
     agree = 0
     start = time.perf_counter()
     with torch.inference_mode():
@@ -188,6 +189,7 @@ def evaluate(
                 row = logits[r : r + 1]
                 nll_sum += token_nll(row, batch[r : r + 1]).double().sum().item()
                 if base is not None:
+                    base_nll_sum += token_nll(base[r : r + 1], batch[r : r + 1]).double().sum().item()
                     kl_sum += kl_per_token(base[r : r + 1], row).double().sum().item()
                     agree += int(top1_match(base[r : r + 1], row).sum().item())
             del logits, base
@@ -195,8 +197,9 @@ def evaluate(
 
     n_tokens = n * (seq_len - 1)
     nll = nll_sum / n_tokens
+    base_nll = base_nll_sum / n_tokens
     return EvalResult(
-        perplexity=math.exp(nll) if nll < 700 else math.inf,
+        perplexity=_ppl(nll),
         nll=nll,
         kl=None if baseline is None else kl_sum / n_tokens,
         top1_agreement=None if baseline is None else agree / n_tokens,
@@ -204,4 +207,9 @@ def evaluate(
         seq_len=seq_len,
         n_tokens=n_tokens,
         seconds=seconds,
+        baseline_perplexity=None if baseline is None else _ppl(base_nll),
     )
+
+
+def _ppl(nll: float) -> float:
+    return math.exp(nll) if nll < 700 else math.inf
