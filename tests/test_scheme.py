@@ -109,10 +109,8 @@ def test_preset_with_replaced_parts() -> None:
     r = recipe_from_dict({"preset": "w4a16", "steps": [{"gptq": {"damp": 0.01}}], "name": "x"})
     assert r.scheme == get_preset("w4a16").scheme
     assert r.steps == (Step("gptq", {"damp": 0.01}),) and r.name == "x"
-    r2 = recipe_from_dict(
-        {"preset": "w4a16", "scheme": {"weights": {"format": "int8", "granularity": "channel"}}}
-    )
-    assert r2.scheme.weights == W8 and r2.name == "w4a16"
+    r2 = recipe_from_dict({"preset": "w4a16", "scheme": {"weights": {"format": "int8", "granularity": "channel"}}})
+    assert r2.scheme.weights == W8 and r2.name == "custom"  # a changed preset is no longer that preset
     assert recipe_from_dict({"scheme": {}}).steps == (Step("rtn"),)
     assert recipe_from_dict({"scheme": {}, "steps": ["rtn", {"gptq": None}]}).steps == (
         Step("rtn"), Step("gptq"),
@@ -293,9 +291,7 @@ def test_invalid_combination_from_dict_names_the_place() -> None:
                                                  "symmetric": False}}})  # fmt: skip
     assert str(e.value).startswith("recipe.scheme.weights:") and "float format" in str(e.value)
     with pytest.raises(LowbitError) as e:
-        recipe_from_dict(
-            {"scheme": {"weights": {"format": "int8", "granularity": "channel", "dynamic": True}}}
-        )
+        recipe_from_dict({"scheme": {"weights": {"format": "int8", "granularity": "channel", "dynamic": True}}})
     assert str(e.value).startswith("recipe.scheme:") and "dynamic" in str(e.value)
     with pytest.raises(LowbitError) as e:
         recipe_from_dict({"scheme": {"input_activations": {"format": "int8", "granularity": "token"}}})
@@ -312,9 +308,7 @@ def test_targets_and_ignore() -> None:
     assert not s.is_target("model.lm_head", Linear())  # suffix after a dot
     assert s.is_target("model.not_lm_head", Linear())  # a suffix is whole dotted parts only
     assert not s.is_target("model.embed_tokens", Embedding())
-    s2 = Scheme(
-        weights=W4, targets=("re:.*\\.mlp\\..*", "Conv1D"), ignore=("re:.*layers\\.1\\..*", "Embedding")
-    )
+    s2 = Scheme(weights=W4, targets=("re:.*\\.mlp\\..*", "Conv1D"), ignore=("re:.*layers\\.1\\..*", "Embedding"))
     assert s2.is_target("model.layers.0.mlp.up_proj", Linear())
     assert not s2.is_target("model.layers.0.self_attn.q_proj", Linear())  # not targeted
     assert s2.is_target("h.0.attn.c_attn", Conv1D())  # by class name
@@ -349,9 +343,6 @@ def test_override_selection() -> None:
 def test_describe() -> None:
     assert W4.describe() == "int4 g128 sym"
     assert A8.describe() == "int8 token sym dyn"
-    assert (
-        QuantSpec("uint4", "channel", None, symmetric=False, observer="mse").describe()
-        == "uint4 channel asym mse"
-    )
+    assert QuantSpec("uint4", "channel", None, symmetric=False, observer="mse").describe() == "uint4 channel asym mse"
     assert Scheme().describe() == "nothing quantized"
     assert Scheme(weights=W8, input_activations=A8).describe() == "W: int8 channel sym; A: int8 token sym dyn"

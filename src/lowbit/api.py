@@ -20,6 +20,7 @@ from torch import nn
 from lowbit.checkpoint import is_quantized_dir, load_quantized
 from lowbit.checkpoint import save_quantized as _save
 from lowbit.data import calibration_samples, eval_windows, load_texts
+from lowbit.errors import LowbitError
 from lowbit.eval import EvalResult, evaluate
 from lowbit.models import load_model
 from lowbit.modules import QuantLinear
@@ -76,7 +77,10 @@ def save_quantized(
         "report": report.to_dict(),
         "base_model": getattr(getattr(model, "config", None), "_name_or_path", None),
     }
-    return _save(model, tokenizer, out_dir, provenance, overwrite=overwrite)
+    try:
+        return _save(model, tokenizer, out_dir, provenance, overwrite=overwrite)
+    except OSError as exc:  # permissions, a file where a directory should be, disk full
+        raise LowbitError(f"could not write {out_dir} ({exc})") from exc
 
 
 def load_any(spec: str) -> tuple[nn.Module, Any]:

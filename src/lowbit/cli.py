@@ -21,10 +21,21 @@ EPILOG = """examples:
 """
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a count or a length)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def _add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--eval-windows", type=int, default=24, help="evaluation windows (default 24)")
-    p.add_argument("--eval-seq-len", type=int, default=512, help="tokens per evaluation window (default 512)")
-    p.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass (default 4)")
+    p.add_argument("--eval-windows", type=_positive_int, default=24, help="evaluation windows (default 24)")
+    p.add_argument("--eval-seq-len", type=_positive_int, default=512, help="tokens per evaluation window (default 512)")
+    p.add_argument("--batch-size", type=_positive_int, default=4, help="sequences per forward pass (default 4)")
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -45,9 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         "original on held-out text (perplexity, KL divergence, top-1 agreement). With no arguments: the "
         "demo model (SmolLM2-135M-Instruct from PyPI) with the default preset on Shakespeare.",
     )
-    q.add_argument(
-        "model", nargs="?", default="demo", help="Hub id, local HF directory, .gguf file or 'demo'"
-    )
+    q.add_argument("model", nargs="?", default="demo", help="Hub id, local HF directory, .gguf file or 'demo'")
     q.add_argument("--preset", default=None, help="preset name (see `lowbit presets`; default w4a16)")
     q.add_argument("--recipe", default=None, help="recipe YAML file (scheme + steps); overrides --preset")
     q.add_argument(
@@ -55,15 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="demo",
         help="calibration text: .txt/.jsonl file, directory of .txt, datasets name (path[:config][@split]) or 'demo'",
     )
-    q.add_argument("--samples", type=int, default=16, help="calibration samples (default 16)")
-    q.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sample (default 512)")
+    q.add_argument("--samples", type=_positive_int, default=16, help="calibration samples (default 16)")
+    q.add_argument("--seq-len", type=_positive_int, default=512, help="tokens per calibration sample (default 512)")
     q.add_argument("--seed", type=int, default=0, help="seed for drawing calibration samples (default 0)")
     q.add_argument("--out", default=None, help="output directory (default lowbit-out/<model>-<preset>)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     q.add_argument("--no-eval", action="store_true", help="skip the evaluation against the original")
-    q.add_argument(
-        "--eval-data", default=None, help="evaluation text (default: the --calib source's held-out split)"
-    )
+    q.add_argument("--eval-data", default=None, help="evaluation text (default: the --calib source's held-out split)")
     _add_data_args(q)
 
     e = sub.add_parser(
@@ -87,6 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    restore_bars = False
+    if getattr(args, "quiet", False):  # also transformers' own bars ("Loading weights"); restored below
+        from transformers.utils import logging as hf_logging
+
+        restore_bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
     try:
         if args.command == "presets":
             return _presets()
@@ -99,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lowbit: interrupted; no partial output was left in place", file=sys.stderr)
         return 130
+    finally:
+        if restore_bars:
+            hf_logging.enable_progress_bar()
 
 
 def _presets() -> int:
@@ -110,24 +126,33 @@ def _presets() -> int:
     return 0
 
 
-def _eval_rows(
-    model: Any, baseline: Any, tok: Any, args: argparse.Namespace, source: str
-) -> list[dict[str, Any]]:
+def _windows(tok: Any, args: argparse.Namespace, source: str) -> Any:
     from lowbit import api
 
-    windows = api.eval_windows(tok, source, seq_len=args.eval_seq_len, n_windows=args.eval_windows)
-    progress = not args.quiet
-    rows = []
-    if baseline is not None:
-        base = api.evaluate(
-            baseline, windows, batch_size=args.batch_size, progress=progress, desc="eval baseline"
-        )
-        rows.append({"model": "baseline", **base.to_dict()})
-    res = api.evaluate(
-        model, windows, baseline=baseline, batch_size=args.batch_size, progress=progress, desc="eval"
-    )
-    rows.append({"model": "quantized" if baseline is not None else "model", **res.to_dict()})
-    return rows
+    return api.eval_windows(tok, source, seq_len=args.eval_seq_len, n_windows=args.eval_windows)
+
+
+def _eval_rows(model: Any, baseline: Any, windows: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """One pass over the windows: the model's scores and, with a baseline, the baseline's perplexity."""
+    from lowbit import api
+
+    res = api.evaluate(model, windows, baseline=baseline, batch_size=args.batch_size, progress=not args.quiet)
+    row = res.to_dict()
+    if baseline is None:
+        return [{"model": "model", **row}]
+    base = {k: row[k] for k in ("n_windows", "seq_len", "n_tokens")}
+    base_row = {"model": "baseline", "perplexity": row["baseline_perplexity"], **base}
+    return [base_row, {"model": "quantized", **row}]
+
+
+def default_out_dir(model: str, recipe_name: str) -> Path:
+    """``lowbit-out/<model>-<recipe>``: the directory or Hub name as is (``Qwen2-0.5B`` keeps its
+    ``.5B``), a ``.gguf`` file's name without the suffix."""
+    path = Path(model).expanduser()
+    name = path.stem if path.suffix.lower() == ".gguf" else path.name
+    if not name or name in (".", ".."):
+        name = path.resolve().name or "model"
+    return Path("lowbit-out") / f"{name}-{recipe_name}"
 
 
 def _quantize(args: argparse.Namespace) -> int:
@@ -136,14 +161,14 @@ def _quantize(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     recipe = api.resolve_recipe(args.recipe or args.preset or DEFAULT_PRESET)
-    out = Path(args.out or f"lowbit-out/{Path(args.model).stem}-{recipe.name}")
+    out = Path(args.out) if args.out else default_out_dir(args.model, recipe.name)
     if out.exists() and not args.overwrite:
         raise LowbitError(f"output {out} already exists; choose another --out or pass --overwrite")
     model, tok = api.load_model(args.model)
-    calib = api.calibration_samples(
-        tok, args.calib, n_samples=args.samples, seq_len=args.seq_len, seed=args.seed
-    )
-    baseline = None if args.no_eval else copy.deepcopy(model)
+    calib = api.calibration_samples(tok, args.calib, n_samples=args.samples, seq_len=args.seq_len, seed=args.seed)
+    # the evaluation text is read before quantizing, so a bad --eval-data fails before any work is done
+    windows = None if args.no_eval else _windows(tok, args, args.eval_data or args.calib)
+    baseline = None if windows is None else copy.deepcopy(model)
     report = api.quantize(model, recipe, calib, batch_size=args.batch_size, progress=not args.quiet)
     api.save_quantized(model, tok, out, report, overwrite=args.overwrite)
     size = (out / "model.safetensors").stat().st_size
@@ -157,7 +182,7 @@ def _quantize(args: argparse.Namespace) -> int:
         "file_mb": size / 2**20,
         "quantize_seconds": report.seconds,
     }
-    rows = [] if baseline is None else _eval_rows(model, baseline, tok, args, args.eval_data or args.calib)
+    rows = [] if windows is None else _eval_rows(model, baseline, windows, args)
     summary["total_seconds"] = time.perf_counter() - started
     if args.json:
         print(json.dumps({"summary": summary, "eval": rows}, indent=1))
@@ -179,16 +204,10 @@ def _eval(args: argparse.Namespace) -> int:
         baseline, base_tok = api.load_any(args.baseline)
         tok = tok or base_tok
     if tok is None:
-        raise LowbitError(
-            f"{args.model} has no tokenizer files; give --baseline so its tokenizer can be used"
-        )
-    rows = _eval_rows(model, baseline, tok, args, args.data)
+        raise LowbitError(f"{args.model} has no tokenizer files; give --baseline so its tokenizer can be used")
+    rows = _eval_rows(model, baseline, _windows(tok, args, args.data), args)
     if args.json:
-        print(
-            json.dumps(
-                {"model": args.model, "baseline": args.baseline, "data": args.data, "eval": rows}, indent=1
-            )
-        )
+        print(json.dumps({"model": args.model, "baseline": args.baseline, "data": args.data, "eval": rows}, indent=1))
     else:
         print(_table(rows, args))
     return 0

@@ -52,9 +52,7 @@ class QuantSpec:
             raise LowbitError(f"granularity {self.granularity!r} is not one of {list(GRANULARITIES)}")
         if self.granularity == "group":
             if not isinstance(self.group_size, int) or self.group_size < 1:
-                raise LowbitError(
-                    f"granularity 'group' needs a positive integer group_size, got {self.group_size!r}"
-                )
+                raise LowbitError(f"granularity 'group' needs a positive integer group_size, got {self.group_size!r}")
         elif self.group_size is not None:
             object.__setattr__(self, "group_size", None)
         if not self.symmetric and not isinstance(fmt, IntFormat):
@@ -120,9 +118,7 @@ class Scheme:
             if weights is not None and weights.dynamic:
                 raise LowbitError(f"{label}weights are quantized once: dynamic=true is for activations")
             if acts is not None and acts.granularity not in ("tensor", "token"):
-                raise LowbitError(
-                    f"{label}input_activations use granularity 'tensor' (static) or 'token' (dynamic)"
-                )
+                raise LowbitError(f"{label}input_activations use granularity 'tensor' (static) or 'token' (dynamic)")
         kv = self.kv_cache
         if kv is not None and kv.granularity not in ("tensor", "head", "token"):
             raise LowbitError("kv_cache uses granularity 'tensor', 'head' or 'token'")
@@ -196,9 +192,7 @@ def _check_fields(data: Mapping[str, Any], cls: type, where: str) -> None:
             raise LowbitError(f"{where}: unknown field {key!r}{hint}; valid fields: {', '.join(valid)}")
 
 
-def spec_from_dict(
-    data: Mapping[str, Any] | None, where: str, base: QuantSpec | None = None
-) -> QuantSpec | None:
+def spec_from_dict(data: Mapping[str, Any] | None, where: str, base: QuantSpec | None = None) -> QuantSpec | None:
     """Build a QuantSpec; with ``base``, ``data`` only needs the fields that differ."""
     if data is None:
         return None
@@ -215,9 +209,7 @@ def _patterns(data: Mapping[str, Any], key: str, default: tuple[str, ...], where
     """A list of module patterns; a bare string would otherwise become a tuple of characters."""
     value = data.get(key, default)
     if not isinstance(value, list | tuple) or not all(isinstance(p, str) for p in value):
-        raise LowbitError(
-            f"{where}.{key}: expected a list of module patterns such as [lm_head], got {value!r}"
-        )
+        raise LowbitError(f"{where}.{key}: expected a list of module patterns such as [lm_head], got {value!r}")
     return tuple(value)
 
 
@@ -285,7 +277,7 @@ def steps_from_list(data: Any, where: str = "steps") -> tuple[Step, ...]:
     return tuple(steps)
 
 
-def recipe_from_dict(data: Mapping[str, Any], where: str = "recipe") -> Recipe:
+def recipe_from_dict(data: Mapping[str, Any], where: str = "recipe", default_name: str = "custom") -> Recipe:
     """A recipe from plain data. ``preset: NAME`` starts from a preset; other keys replace its parts."""
     from lowbit.presets import get_preset  # presets are built from this module
 
@@ -309,7 +301,10 @@ def recipe_from_dict(data: Mapping[str, Any], where: str = "recipe") -> Recipe:
         if "steps" in data
         else (base.steps if base else (Step("rtn"),))
     )
-    return Recipe(scheme=scheme, steps=steps, name=str(data.get("name", base.name if base else "custom")))
+    # a preset's name only while its scheme and steps are kept; a changed recipe is the user's own
+    unchanged = base is not None and "scheme" not in data and "steps" not in data
+    name = data.get("name") or (base.name if base is not None and unchanged else default_name)
+    return Recipe(scheme=scheme, steps=steps, name=str(name))
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -321,4 +316,4 @@ def load_recipe(path: str | Path) -> Recipe:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         raise LowbitError(f"recipe file {p} is not valid YAML: {e}") from None
-    return recipe_from_dict(data or {}, where=p.name)
+    return recipe_from_dict(data or {}, where=p.name, default_name=p.stem)
