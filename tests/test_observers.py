@@ -97,9 +97,7 @@ def test_moving_average_matches_plain_loop_and_torch() -> None:
 
 def test_percentile_exact_on_arange() -> None:
     obs = PercentileObserver(percentile=75.0)
-    x = torch.arange(101, dtype=torch.float32)[
-        torch.randperm(101, generator=torch.Generator().manual_seed(1))
-    ]
+    x = torch.arange(101, dtype=torch.float32)[torch.randperm(101, generator=torch.Generator().manual_seed(1))]
     for chunk in x.split(17):
         obs.update(chunk)
     lo, hi = obs.range()
@@ -256,9 +254,7 @@ def mse_rows() -> torch.Tensor:
     return x
 
 
-def ref_mse_rows(
-    x: torch.Tensor, grid: int = 100, maxshrink: float = 0.8
-) -> tuple[torch.Tensor, torch.Tensor]:
+def ref_mse_rows(x: torch.Tensor, grid: int = 100, maxshrink: float = 0.8) -> tuple[torch.Tensor, torch.Tensor]:
     los, his = [], []
     for row in x:
         row = row[None]

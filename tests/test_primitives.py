@@ -46,9 +46,7 @@ NP_INT = {"uint8": np.uint8, "int8": np.int8}
 # --- ONNX helpers ----------------------------------------------------------------------------------
 
 
-def _quantize_linear(
-    out_type: int, axis: int = 1, with_zp: bool = True, opset: int = 21
-) -> ReferenceEvaluator:
+def _quantize_linear(out_type: int, axis: int = 1, with_zp: bool = True, opset: int = 21) -> ReferenceEvaluator:
     inputs = ["x", "scale", "zp"] if with_zp else ["x", "scale"]
     attrs: dict[str, int] = {"axis": axis, "saturate": 1}
     if not with_zp:

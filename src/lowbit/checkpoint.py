@@ -35,7 +35,7 @@ from lowbit.archs import decoder_blocks, get_arch
 from lowbit.errors import LowbitError
 from lowbit.kvcache import KVQuantizer, attach_kv_quantizers
 from lowbit.modules import ActQuantizer, QuantLinear
-from lowbit.packing import pack_bits, unpack_bits
+from lowbit.packing import pack_bits, packed_nbytes, unpack_bits
 from lowbit.primitives import group_index, symmetric_zero_point
 from lowbit.qweight import QuantizedWeight
 from lowbit.scheme import QuantSpec, spec_from_dict, to_dict
@@ -64,14 +64,30 @@ def _load_qweight(name: str, shape: list[int], spec: QuantSpec, t: dict[str, tor
     fmt = spec.fmt
     out, inp = shape
     packed = t.pop(f"{name}.weight_packed")
+    if packed.numel() != packed_nbytes(out * inp, fmt.bits):
+        raise LowbitError(
+            f"{name}.weight_packed holds {packed.numel()} bytes, but {out}x{inp} codes of {fmt.bits} bits "
+            f"take {packed_nbytes(out * inp, fmt.bits)}; the checkpoint does not match its {META_FILE}"
+        )
     codes = unpack_bits(packed, fmt.bits, out * inp).reshape(out, inp)
     codes = (codes.to(torch.int16) + int(fmt.qmin)).to(fmt.code_dtype) if not fmt.is_float else codes
     scale = t.pop(f"{name}.weight_scale")
-    zp_t = t.pop(f"{name}.weight_zero_point", None)
+    # only asymmetric specs store zero points; one left over in the file is reported as unexpected
+    zp_t = None if spec.symmetric else t.pop(f"{name}.weight_zero_point")
     zp = zp_t.to(torch.float32) if zp_t is not None else torch.full(scale.shape, float(symmetric_zero_point(fmt)))
     g_idx = t.pop(f"{name}.weight_g_idx", None)
     if g_idx is None:
         g_idx = group_index(inp, spec.group_size if spec.granularity == "group" else None)
+    n_groups = 1 if spec.granularity != "group" else -(-inp // (spec.group_size or 1))
+    want = (1, 1) if spec.granularity == "tensor" else (out, n_groups)
+    if tuple(scale.shape) != want or tuple(zp.shape) != want or tuple(g_idx.shape) != (inp,):
+        raise LowbitError(
+            f"{name}: scales {tuple(scale.shape)} / zero points {tuple(zp.shape)} / g_idx {tuple(g_idx.shape)} "
+            f"do not fit a {out}x{inp} weight with {spec.describe()} (scales {want}); the checkpoint does not "
+            f"match its {META_FILE}"
+        )
+    if inp and (int(g_idx.min()) < 0 or int(g_idx.max()) >= want[1]):
+        raise LowbitError(f"{name}.weight_g_idx has groups outside 0..{want[1] - 1}")
     return QuantizedWeight(codes=codes, scale=scale, zero_point=zp, g_idx=g_idx, spec=spec)
 
 
@@ -86,10 +102,15 @@ def save_quantized(
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, Any] = {}
     skip: set[str] = set()
+    kv_spec: dict[str, Any] | None = None
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear):
             skip.update(f"{name}.{k}" for k, _ in module.named_buffers(recurse=True))
-            entry: dict[str, Any] = {"shape": [module.out_features, module.in_features], "weights": None}
+            entry: dict[str, Any] = {
+                "shape": [module.out_features, module.in_features],
+                "dtype": str(module.weight.dtype).removeprefix("torch."),
+                "weights": None,
+            }
             if module.qweight is not None:
                 tensors.update(_qweight_tensors(name, module.qweight))
                 entry["weights"] = to_dict(module.qweight.spec)
@@ -104,6 +125,7 @@ def save_quantized(
             layers[name] = entry
         kvq = getattr(module, "lowbit_kv", None)
         if isinstance(kvq, KVQuantizer):
+            kv_spec = to_dict(kvq.spec)
             for kind, (scale, zp) in kvq.qparams.items():
                 tensors[f"{name}.{kind}_scale"], tensors[f"{name}.{kind}_zero_point"] = scale, zp
     seen: set[int] = set()
@@ -116,7 +138,9 @@ def save_quantized(
         seen.add(ptr)
         tensors[key] = value
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    meta = {"format_version": FORMAT_VERSION, "layers": layers, **provenance}
+    # what load_quantized needs comes from the model itself, never from the caller's provenance
+    meta = {"format_version": FORMAT_VERSION, **provenance}
+    meta.update(format_version=FORMAT_VERSION, layers=layers, kv_cache=kv_spec)
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -152,15 +176,28 @@ def load_quantized(path: str | Path) -> tuple[nn.Module, Any, dict[str, Any]]:
         tensors = load_file(str(p / WEIGHTS_FILE))
     except (OSError, json.JSONDecodeError, SafetensorError) as e:
         raise LowbitError(f"{p} is damaged or incomplete ({e}); quantize again") from None
+    if not isinstance(meta, dict):
+        raise LowbitError(f"{p}/{META_FILE} is not a JSON object; the checkpoint is damaged, quantize again")
     if meta.get("format_version") != FORMAT_VERSION:
         raise LowbitError(f"{p} has lowbit format {meta.get('format_version')}, this lowbit reads {FORMAT_VERSION}")
+    if not isinstance(meta.get("layers"), dict):
+        raise LowbitError(f"{p}/{META_FILE} has no 'layers' table; the checkpoint is damaged, quantize again")
     config = AutoConfig.from_pretrained(p)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
     try:
         for name, entry in meta["layers"].items():
-            if not isinstance(model.get_submodule(name), nn.Linear):
+            try:
+                module = model.get_submodule(name)
+            except AttributeError:
+                raise LowbitError(f"{p}: {META_FILE} names layer {name}, which this model does not have") from None
+            if not isinstance(module, nn.Linear):
                 raise LowbitError(f"{p}: {name} is not a linear layer of this model; the checkpoint does not match")
+            if list(entry["shape"]) != [module.out_features, module.in_features]:
+                raise LowbitError(
+                    f"{p}: {name} has shape {entry['shape']} in {META_FILE} but "
+                    f"{[module.out_features, module.in_features]} in the model's config; the checkpoint does not match"
+                )
             wspec = spec_from_dict(entry["weights"], f"{name}.weights")
             aspec = spec_from_dict(entry["input_activations"], f"{name}.input_activations")
             qw = _load_qweight(name, entry["shape"], wspec, tensors) if wspec else None
@@ -169,9 +206,10 @@ def load_quantized(path: str | Path) -> tuple[nn.Module, Any, dict[str, Any]]:
                 act.set_qparams(tensors.pop(f"{name}.input_scale"), tensors.pop(f"{name}.input_zero_point"))
             fw = tensors.pop(f"{name}.weight", None)
             bias = tensors.pop(f"{name}.bias", None)
-            dtype = fw.dtype if fw is not None else torch.float32
+            dtype = fw.dtype if fw is not None else _dtype(entry.get("dtype", "float32"), f"{p}: {name}")
             model.set_submodule(name, QuantLinear(qw, bias, act, float_weight=fw, dtype=dtype))
-        kv = meta.get("scheme", {}).get("kv_cache")
+        # older files kept the KV spec only in the provenance's scheme
+        kv = meta["kv_cache"] if "kv_cache" in meta else (meta.get("scheme") or {}).get("kv_cache")
         if kv:
             _load_kv(model, spec_from_dict(kv, "kv_cache"), tensors)
     except AttributeError as e:
@@ -186,6 +224,13 @@ def load_quantized(path: str | Path) -> tuple[nn.Module, Any, dict[str, Any]]:
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(p) if (p / "tokenizer_config.json").exists() else None
     return model, tokenizer, meta
+
+
+def _dtype(name: Any, where: str) -> torch.dtype:
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype):
+        raise LowbitError(f"{where}: unknown dtype {name!r}")
+    return dtype
 
 
 def _load_kv(model: nn.Module, spec: QuantSpec | None, tensors: dict[str, torch.Tensor]) -> None:

@@ -176,9 +176,7 @@ def get_format(name: str) -> Format:
         rest = name[len(prefix) :]
         if name.startswith(prefix) and rest in ("2", "3", "4", "5", "6", "7", "8"):
             return IntFormat(int(rest), signed)
-    raise LowbitError(
-        f"unknown number format {name!r}: use int2..int8, uint2..uint8 or one of {sorted(FLOAT_FORMATS)}"
-    )
+    raise LowbitError(f"unknown number format {name!r}: use int2..int8, uint2..uint8 or one of {sorted(FLOAT_FORMATS)}")
 
 
 def format_names() -> list[str]:

@@ -6,7 +6,6 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-import torch
 from torch import nn
 
 
@@ -25,26 +24,3 @@ def forward_hooks(hooks: Mapping[nn.Module, Callable[..., Any]]) -> Iterator[Non
 
 class StopForward(Exception):
     """Raised by a capture hook to end a forward pass early."""
-
-
-@contextmanager
-def capture_inputs(module: nn.Module, store: list[tuple[torch.Tensor, dict[str, Any]]]) -> Iterator[None]:
-    """Record ``(hidden_states, kwargs)`` of every call to ``module`` and stop the forward pass there.
-
-    Callers run the model inside ``with`` and catch ``StopForward``.
-    """
-
-    def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if args:
-            hidden, rest = args[0], dict(kwargs)
-        else:
-            rest = dict(kwargs)
-            hidden = rest.pop("hidden_states")
-        store.append((hidden.detach(), rest))
-        raise StopForward
-
-    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        yield
-    finally:
-        handle.remove()

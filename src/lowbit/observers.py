@@ -373,9 +373,7 @@ class MseObserver(_SampledObserver):
     def range(self) -> tuple[Tensor, Tensor]:
         sample = self._values()[None]
         lo0, hi0 = (v.to(sample.device).reshape(1) for v in self._minmax.range())
-        lo, hi = mse_search(
-            sample, lo0, hi0, self.fake_quant, grid=self.grid, maxshrink=self.maxshrink, norm=self.norm
-        )
+        lo, hi = mse_search(sample, lo0, hi0, self.fake_quant, grid=self.grid, maxshrink=self.maxshrink, norm=self.norm)
         return lo[0], hi[0]
 
 

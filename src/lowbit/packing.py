@@ -48,9 +48,7 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """
     _check_bits(bits)
     if not _is_integer_dtype(codes.dtype):
-        raise LowbitError(
-            f"pack_bits needs integer codes, got dtype {codes.dtype}; quantize to integer codes first."
-        )
+        raise LowbitError(f"pack_bits needs integer codes, got dtype {codes.dtype}; quantize to integer codes first.")
     flat = codes.reshape(-1).to(torch.int64)  # unsigned 64-bit values past 2**63 wrap negative: caught below
     n = flat.numel()
     if n == 0:

@@ -1,7 +1,7 @@
 """The layer-by-layer runner.
 
-1. Run the model on the calibration batches up to the first decoder block and keep that
-   block's inputs (hidden states and the keyword arguments the model passes it).
+1. Run the model on the calibration batches with the decoder blocks bypassed and keep the first
+   block's hidden states and the keyword arguments the model passes each block.
 2. For each block: run it in float over its inputs, observing static activation / KV ranges
    and keeping the float outputs; apply the recipe's steps (transforms, then a quantizer);
    swap the targeted linears for QuantLinear; run the quantized block over the same inputs,
@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from lowbit.algorithms import Algorithm, BlockContext, build_algorithm
 from lowbit.archs import decoder_blocks, get_arch
 from lowbit.errors import LowbitError
-from lowbit.hooks import StopForward, capture_inputs
+from lowbit.hooks import StopForward
 from lowbit.kvcache import attach_kv_quantizers
 from lowbit.modules import ActQuantizer, QuantLinear
 from lowbit.observers import Observer, make_observer
@@ -76,16 +76,47 @@ def _observer(spec: QuantSpec) -> Observer:
 
 
 @torch.no_grad()
-def capture_block_inputs(
-    model: nn.Module, first_block: nn.Module, calib: torch.Tensor, batch_size: int
-) -> list[tuple[torch.Tensor, dict[str, Any]]]:
-    """Hidden states and kwargs entering the first decoder block, one entry per batch."""
-    store: list[tuple[torch.Tensor, dict[str, Any]]] = []
-    with capture_inputs(first_block, store):
+def capture_calibration_inputs(
+    model: nn.Module, blocks: nn.ModuleList, calib: torch.Tensor, batch_size: int
+) -> tuple[list[torch.Tensor], list[list[dict[str, Any]]]]:
+    """Hidden states entering the first block (per batch) and the keyword arguments every block
+    receives (per block, per batch).
+
+    Blocks of one model may receive different keyword arguments (Gemma 2/3, Qwen2 with sliding
+    layers: a sliding-window or a full causal mask, local or global rotary embeddings), so each
+    block's are recorded. Every block is bypassed while recording (it returns its input), so no
+    block computes anything; the pass stops at the last block.
+    """
+    hidden: list[torch.Tensor] = []
+    kwargs: list[list[dict[str, Any]]] = [[] for _ in blocks]
+
+    def bypass(i: int) -> Callable[..., Any]:
+        def forward(*args: Any, **kw: Any) -> Any:
+            rest = dict(kw)
+            h = args[0] if args else rest.pop("hidden_states")
+            kwargs[i].append(rest)
+            if i == 0:
+                hidden.append(h.detach())
+            if i == len(blocks) - 1:
+                raise StopForward
+            return h
+
+        return forward
+
+    saved = [b.__dict__.get("forward") for b in blocks]  # accelerate hooks set an instance forward
+    try:
+        for i, block in enumerate(blocks):
+            block.forward = bypass(i)
         for batch in calib.split(batch_size):
             with contextlib.suppress(StopForward):
                 model(input_ids=batch, use_cache=False)
-    return store
+    finally:
+        for block, fwd in zip(blocks, saved, strict=True):
+            if fwd is None:
+                del block.forward
+            else:
+                block.forward = fwd
+    return hidden, kwargs
 
 
 def _targets(block: nn.Module, prefix: str, recipe: Recipe) -> tuple[dict[str, nn.Linear], dict[str, Any]]:
@@ -116,15 +147,15 @@ def quantize_model(
         attns = [b.get_submodule(arch.attention) for b in blocks]
         kv_quants = attach_kv_quantizers(model, attns, recipe.scheme.kv_cache)
 
-    inputs = capture_block_inputs(model, blocks[0], calib, batch_size)
+    hidden, block_kwargs = capture_calibration_inputs(model, blocks, calib, batch_size)
     layers: list[LayerReport] = []
     block_errors: list[float] = []
     bar = tqdm(range(len(blocks)), desc=f"quantize {recipe.name}", unit="block", disable=not progress)
     for i in bar:
-        ctx = _quantize_block(
+        inputs = list(zip(hidden, block_kwargs[i], strict=True))
+        hidden, err = _quantize_block(
             blocks[i], i, f"{arch.blocks}.{i}", arch, recipe, inputs, algorithms, kv_quants, layers
         )
-        inputs, err = ctx
         block_errors.append(err)
         recent = {
             r.name.rsplit(".", 1)[-1][:6]: f"{r.rel_error:.1e}"
@@ -132,9 +163,7 @@ def quantize_model(
             if r.name.startswith(f"{arch.blocks}.{i}.")
         }
         bar.set_postfix({"block_err": f"{err:.2e}", **recent})
-    return RunReport(
-        recipe, layers, block_errors, time.perf_counter() - start, calib.shape[0], calib.shape[1]
-    )
+    return RunReport(recipe, layers, block_errors, time.perf_counter() - start, calib.shape[0], calib.shape[1])
 
 
 def _observe_input(observer: Observer) -> Callable[..., None]:
@@ -150,9 +179,7 @@ def _quantize_block(block, index, prefix, arch, recipe, inputs, algorithms, kv_q
 
     # 1. float pass: static activation ranges, static KV ranges, reference outputs
     observers = {n: _observer(a) for n, (_, a) in specs.items() if a is not None and not a.dynamic}
-    hooks: dict[nn.Module, Callable[..., None]] = {
-        targets[n]: _observe_input(o) for n, o in observers.items()
-    }
+    hooks: dict[nn.Module, Callable[..., None]] = {targets[n]: _observe_input(o) for n, o in observers.items()}
     kvq = kv_quants[index] if kv_quants else None
     if kvq is not None:
         kvq.enabled = False  # the reference outputs are the float block's
@@ -208,5 +235,4 @@ def _quantize_block(block, index, prefix, arch, recipe, inputs, algorithms, kv_q
                 extra=ctx.stats.get(name, {}),
             )
         )
-    next_inputs = [(q, kw) for q, (_, kw) in zip(quant_out, inputs, strict=True)]
-    return next_inputs, num / den if den > 0 else 0.0
+    return quant_out, num / den if den > 0 else 0.0

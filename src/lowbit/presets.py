@@ -76,7 +76,5 @@ DEFAULT_PRESET = "w4a16"
 def get_preset(name: str) -> Recipe:
     """The recipe of a named preset; an unknown name lists the valid ones."""
     if name not in PRESETS:
-        raise LowbitError(
-            f"unknown preset {name!r}; run `lowbit presets` to list them ({', '.join(PRESETS)})"
-        )
+        raise LowbitError(f"unknown preset {name!r}; run `lowbit presets` to list them ({', '.join(PRESETS)})")
     return Recipe(scheme=PRESETS[name][1], steps=(Step("rtn"),), name=name)

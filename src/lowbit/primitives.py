@@ -88,9 +88,7 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -
     return (q.to(torch.float32) - zero_point) * scale
 
 
-def fake_quantize(
-    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, fmt: Format
-) -> torch.Tensor:
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, fmt: Format) -> torch.Tensor:
     """Quantize then dequantize; float32 result of ``x``'s shape."""
     return dequantize(quantize(x, scale, zero_point, fmt), scale, zero_point)
 

@@ -91,9 +91,7 @@ def build_algorithm(name: str, params: Mapping[str, Any]) -> Algorithm:
         if key not in valid:
             close = difflib.get_close_matches(key, valid, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise LowbitError(
-                f"step {name!r}: unknown parameter {key!r}{hint}; valid: {', '.join(valid) or 'none'}"
-            )
+            raise LowbitError(f"step {name!r}: unknown parameter {key!r}{hint}; valid: {', '.join(valid) or 'none'}")
     try:
         return cls(**params)
     except (TypeError, ValueError) as e:
