@@ -440,3 +440,25 @@ def test_existing_out_needs_overwrite(setup: Setup, tmp_path: Path, capsys: pyte
     assert not (out / "keep.txt").exists()
     assert {"lowbit.json", "model.safetensors"} <= {p.name for p in out.iterdir()}
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp or backup directories left behind
+
+
+def test_default_out_is_replaced_on_rerun_but_a_foreign_directory_is_not(
+    setup: Setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    argv = ["quantize", str(setup.model), "--preset", "w8a16", "--calib", str(setup.text), *CALIB_ARGS]
+    argv += ["--no-eval", "--quiet", "--json"]
+    assert main(argv) == 0
+    out = Path(json.loads(capsys.readouterr().out)["summary"]["out"])
+    assert (tmp_path / out / "lowbit.json").is_file()
+    assert main(argv) == 0  # a rerun replaces lowbit's own earlier default output
+    assert Path(json.loads(capsys.readouterr().out)["summary"]["out"]) == out
+    assert sorted(p.name for p in (tmp_path / out).parent.iterdir()) == [out.name]  # nothing left over
+
+    foreign = tmp_path / out
+    for f in foreign.iterdir():
+        f.unlink()
+    (foreign / "notes.txt").write_text("mine")
+    rc = main(argv)
+    _assert_usage_error(rc, capsys.readouterr().err, "already exists", "--overwrite")
+    assert (foreign / "notes.txt").read_text() == "mine"

@@ -162,7 +162,10 @@ def _quantize(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     recipe = api.resolve_recipe(args.recipe or args.preset or DEFAULT_PRESET)
     out = Path(args.out) if args.out else default_out_dir(args.model, recipe.name)
-    if out.exists() and not args.overwrite:
+    # the default location holds lowbit's own earlier result for the same model and recipe, so a
+    # rerun replaces it (atomically); an explicit --out is only replaced with --overwrite
+    overwrite = args.overwrite or (args.out is None and api.is_quantized_dir(out))
+    if out.exists() and not overwrite:
         raise LowbitError(f"output {out} already exists; choose another --out or pass --overwrite")
     model, tok = api.load_model(args.model)
     calib = api.calibration_samples(tok, args.calib, n_samples=args.samples, seq_len=args.seq_len, seed=args.seed)
@@ -170,7 +173,7 @@ def _quantize(args: argparse.Namespace) -> int:
     windows = None if args.no_eval else _windows(tok, args, args.eval_data or args.calib)
     baseline = None if windows is None else copy.deepcopy(model)
     report = api.quantize(model, recipe, calib, batch_size=args.batch_size, progress=not args.quiet)
-    api.save_quantized(model, tok, out, report, overwrite=args.overwrite)
+    api.save_quantized(model, tok, out, report, overwrite=overwrite)
     size = (out / "model.safetensors").stat().st_size
     summary: dict[str, Any] = {
         "model": args.model,
@@ -181,6 +184,7 @@ def _quantize(args: argparse.Namespace) -> int:
         "bits_per_weight": api.bits_per_weight(model),
         "file_mb": size / 2**20,
         "quantize_seconds": report.seconds,
+        "worst_layers": ", ".join(f"{r.name} {r.rel_error:.2e}" for r in report.worst_layers(3)),
     }
     rows = [] if windows is None else _eval_rows(model, baseline, windows, args)
     summary["total_seconds"] = time.perf_counter() - started

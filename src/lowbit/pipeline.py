@@ -54,6 +54,10 @@ class RunReport:
     n_samples: int
     seq_len: int
 
+    def worst_layers(self, n: int) -> list[LayerReport]:
+        """The ``n`` layers with the largest relative output error."""
+        return sorted(self.layers, key=lambda r: r.rel_error, reverse=True)[:n]
+
     def to_dict(self) -> dict[str, Any]:
         from lowbit.scheme import to_dict
 
