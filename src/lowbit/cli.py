@@ -33,7 +33,7 @@ def _positive_int(text: str) -> int:
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--eval-windows", type=_positive_int, default=24, help="evaluation windows (default 24)")
+    p.add_argument("--eval-windows", type=_positive_int, default=16, help="evaluation windows (default 16)")
     p.add_argument("--eval-seq-len", type=_positive_int, default=512, help="tokens per evaluation window (default 512)")
     p.add_argument("--batch-size", type=_positive_int, default=4, help="sequences per forward pass (default 4)")
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")

@@ -25,10 +25,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.algorithms import Algorithm, BlockContext, build_algorithm
-from lowbit.archs import decoder_blocks, get_arch
+from lowbit.archs import Arch, decoder_blocks, get_arch
 from lowbit.errors import LowbitError
 from lowbit.hooks import StopForward
-from lowbit.kvcache import attach_kv_quantizers
+from lowbit.kvcache import KVQuantizer, attach_kv_quantizers
 from lowbit.modules import ActQuantizer, QuantLinear
 from lowbit.observers import Observer, make_observer
 from lowbit.primitives import fake_quantize_range
@@ -177,51 +177,28 @@ def _observe_input(observer: Observer) -> Callable[..., None]:
     return hook
 
 
-def _quantize_block(block, index, prefix, arch, recipe, inputs, algorithms, kv_quants, layers):
+def _quantize_block(
+    block: nn.Module,
+    index: int,
+    prefix: str,
+    arch: Arch,
+    recipe: Recipe,
+    inputs: list[tuple[torch.Tensor, dict[str, Any]]],
+    algorithms: list[Algorithm],
+    kv_quants: list[KVQuantizer],
+    layers: list[LayerReport],
+) -> tuple[list[torch.Tensor], float]:
+    """Quantize one block in place; returns its quantized outputs and its relative output error."""
     targets, specs = _targets(block, prefix, recipe)
     ctx = BlockContext(block, index, prefix, arch, recipe.scheme, inputs, targets, specs)
-
-    # 1. float pass: static activation ranges, static KV ranges, reference outputs
     observers = {n: _observer(a) for n, (_, a) in specs.items() if a is not None and not a.dynamic}
-    hooks: dict[nn.Module, Callable[..., None]] = {targets[n]: _observe_input(o) for n, o in observers.items()}
-    kvq = kv_quants[index] if kv_quants else None
-    if kvq is not None:
-        kvq.enabled = False  # the reference outputs are the float block's
-    float_out = ctx.forward(hooks)
-    if kvq is not None:
-        if kvq.observing:
-            kvq.finish_calibration()
-        kvq.enabled = True
-
-    # 2. the recipe's steps
+    float_out = _float_pass(ctx, observers, kv_quants[index] if kv_quants else None)
     for algorithm in algorithms:
         algorithm.apply(ctx)
-
-    # 3. swap in QuantLinear
-    float_weights = {}
-    for name, linear in targets.items():
-        wspec, aspec = specs[name]
-        act = ActQuantizer(aspec) if aspec is not None else None
-        if act is not None and name in observers:
-            act.set_range(*observers[name].range())
-        float_weights[name] = (linear.weight.detach().clone(), linear.bias)
-        block.set_submodule(name, QuantLinear.from_linear(linear, ctx.qweights.get(name), act))
-
-    # 4. quantized pass: per-layer errors, outputs for the next block
+    float_weights = _swap_in_quant_linears(ctx, observers)
     sums = {name: torch.zeros(2, dtype=torch.float64) for name in targets}
-
-    def err_hook(name: str):
-        w, b = float_weights[name]
-
-        def hook(_m: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-            ref = F.linear(inp[0], w, b)
-            sums[name] += torch.stack([(out - ref).double().pow(2).sum(), ref.double().pow(2).sum()])
-
-        return hook
-
-    quant_out = ctx.forward({block.get_submodule(n): err_hook(n) for n in targets})
-    num = sum(float((q - f).double().pow(2).sum()) for q, f in zip(quant_out, float_out, strict=True))
-    den = sum(float(f.double().pow(2).sum()) for f in float_out)
+    hooks = {block.get_submodule(n): _error_hook(*float_weights[n], sums[n]) for n in targets}
+    quant_out = ctx.forward(hooks)
     for name in targets:
         module = block.get_submodule(name)
         assert isinstance(module, QuantLinear)
@@ -239,4 +216,44 @@ def _quantize_block(block, index, prefix, arch, recipe, inputs, algorithms, kv_q
                 extra=ctx.stats.get(name, {}),
             )
         )
+    num = sum(float((q - f).double().pow(2).sum()) for q, f in zip(quant_out, float_out, strict=True))
+    den = sum(float(f.double().pow(2).sum()) for f in float_out)
     return quant_out, num / den if den > 0 else 0.0
+
+
+def _float_pass(ctx: BlockContext, observers: dict[str, Observer], kvq: KVQuantizer | None) -> list[torch.Tensor]:
+    """Run the float block: feed static activation and KV observers; the outputs are the reference."""
+    hooks: dict[nn.Module, Callable[..., None]] = {ctx.targets[n]: _observe_input(o) for n, o in observers.items()}
+    if kvq is not None:
+        kvq.enabled = False  # the reference outputs are the float block's
+    out = ctx.forward(hooks)
+    if kvq is not None:
+        if kvq.observing:
+            kvq.finish_calibration()
+        kvq.enabled = True
+    return out
+
+
+def _swap_in_quant_linears(
+    ctx: BlockContext, observers: dict[str, Observer]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """Replace each target by a QuantLinear; returns the float (weight, bias) each one replaced."""
+    float_weights = {}
+    for name, linear in ctx.targets.items():
+        aspec = ctx.specs[name][1]
+        act = ActQuantizer(aspec) if aspec is not None else None
+        if act is not None and name in observers:
+            act.set_range(*observers[name].range())
+        float_weights[name] = (linear.weight.detach().clone(), linear.bias)
+        ctx.block.set_submodule(name, QuantLinear.from_linear(linear, ctx.qweights.get(name), act))
+    return float_weights
+
+
+def _error_hook(w: torch.Tensor, b: torch.Tensor | None, sums: torch.Tensor) -> Callable[..., None]:
+    """Accumulate ``||y_q - y||^2`` and ``||y||^2`` with ``y = F.linear(x, w, b)`` on the layer's input."""
+
+    def hook(_m: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        ref = F.linear(inp[0], w, b)
+        sums.add_(torch.stack([(out - ref).double().pow(2).sum(), ref.double().pow(2).sum()]))
+
+    return hook
