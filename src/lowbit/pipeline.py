@@ -238,7 +238,7 @@ def _swap_in_quant_linears(
     ctx: BlockContext, observers: dict[str, Observer]
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
     """Replace each target by a QuantLinear; returns the float (weight, bias) each one replaced."""
-    float_weights = {}
+    float_weights: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
     for name, linear in ctx.targets.items():
         aspec = ctx.specs[name][1]
         act = ActQuantizer(aspec) if aspec is not None else None
