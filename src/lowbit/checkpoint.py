@@ -144,6 +144,7 @@ def save_quantized(
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the output is ordinary user data
         model.config.save_pretrained(tmp)  # type: ignore[union-attr, operator]
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
