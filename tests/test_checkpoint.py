@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from tiny_models import N_LAYERS, tiny_llama, token_ids
 from tokenizers import Tokenizer, models, pre_tokenizers
 from torch import nn
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 import lowbit.checkpoint as checkpoint
 from lowbit import api
@@ -368,3 +368,12 @@ def test_saved_fixture_loads(saved: Path) -> None:
     loaded, _, meta = checkpoint.load_quantized(saved)
     assert meta["recipe"]["name"] == "w4a16-asym"
     assert isinstance(loaded.model.layers[0].self_attn.k_proj, QuantLinear)
+
+
+def test_plain_transformers_refuses_a_lowbit_checkpoint(tmp_path: Path) -> None:
+    """transformers must not silently load a lowbit directory with randomly initialised linears."""
+    model = tiny_llama(tie=True)
+    report = quantize_model(model, get_preset("w4a16-asym"), token_ids(2, 16), batch_size=2, progress=False)
+    out = api.save_quantized(model, None, tmp_path / "q", report)
+    with pytest.raises(OSError):
+        AutoModelForCausalLM.from_pretrained(out)

@@ -1,7 +1,7 @@
 """Save and load lowbit's own quantized checkpoints.
 
 A checkpoint directory holds ``config.json`` (the model's transformers config), the tokenizer
-files, ``model.safetensors`` and ``lowbit.json`` (format version, the scheme and recipe as
+files, ``lowbit.safetensors`` and ``lowbit.json`` (format version, the scheme and recipe as
 provenance, and per quantized layer its shape and specs). For a quantized linear ``NAME``:
 
 - ``NAME.weight_packed`` uint8: the codes as unsigned integers (signed codes offset by
@@ -42,7 +42,7 @@ from lowbit.scheme import QuantSpec, spec_from_dict, to_dict
 
 FORMAT_VERSION = 1
 META_FILE = "lowbit.json"
-WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_FILE = "lowbit.safetensors"  # not model.safetensors: transformers must not half-load it
 
 
 def _qweight_tensors(name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:

@@ -157,6 +157,7 @@ def default_out_dir(model: str, recipe_name: str) -> Path:
 
 def _quantize(args: argparse.Namespace) -> int:
     from lowbit import api
+    from lowbit.checkpoint import WEIGHTS_FILE
     from lowbit.presets import DEFAULT_PRESET
 
     started = time.perf_counter()
@@ -174,7 +175,7 @@ def _quantize(args: argparse.Namespace) -> int:
     baseline = None if windows is None else copy.deepcopy(model)
     report = api.quantize(model, recipe, calib, batch_size=args.batch_size, progress=not args.quiet)
     api.save_quantized(model, tok, out, report, overwrite=overwrite)
-    size = (out / "model.safetensors").stat().st_size
+    size = (out / WEIGHTS_FILE).stat().st_size
     summary: dict[str, Any] = {
         "model": args.model,
         "recipe": recipe.name,
