@@ -186,7 +186,7 @@ def qparams_ref(
     lo, hi = F32(lo), F32(hi)
     if symmetric:
         zp = 2 ** (int(name[4:]) - 1) if name.startswith("uint") else 0
-        q_pos = qmax - zp
+        q_pos = qmax if is_float else (qmax - qmin) / 2  # half the integer range: 7.5 for int4
         absmax = max(abs(lo), abs(hi))
         return round_scale(F32(absmax) / F32(q_pos), scale_dtype), zp
     assert not is_float

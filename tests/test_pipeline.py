@@ -149,7 +149,7 @@ def test_report_has_one_entry_per_target_and_block(w4_run: tuple[str, nn.Module,
     _, _, _, report = w4_run
     assert [r.name for r in report.layers] == TARGETS
     for r in report.layers:
-        assert r.weights == "int4 g128 sym" and r.activations == "float"
+        assert r.weights == "int4 g128 sym fp16-scale" and r.activations == "float"
         assert torch.isfinite(torch.tensor(r.rel_error)) and 0 < r.rel_error < 0.1, r
         assert r.bits_per_weight > 4
     assert len(report.block_errors) == N_LAYERS
@@ -275,7 +275,7 @@ def test_w8a8_static_scales_are_calibration_minmax(arch: str) -> None:
             assert act is not None and act.scale is not None and act.zero_point is not None
             assert float(act.scale) == pytest.approx(float(scale), rel=1e-6), name
             assert torch.equal(act.zero_point, zp) and float(zp) == 0.0
-            assert float(scale) == pytest.approx(float(torch.maximum(-lo, hi)) / 127, rel=1e-6)
+            assert float(scale) == pytest.approx(float(torch.maximum(-lo, hi)) / 127.5, rel=1e-6)
 
 
 def test_w8a8_static_forward() -> None:
@@ -375,7 +375,7 @@ def test_kv_static_per_head_scales(arch: str) -> None:
             absmax = torch.stack([x.abs().amax(dim=(0, 2, 3)) for x in xs]).amax(0)  # per KV head
             scale, zp = kvqs[i].qparams[kind]
             assert scale.shape == (1, 2, 1, 1)
-            torch.testing.assert_close(scale.flatten(), absmax / 127, rtol=1e-6, atol=0)
+            torch.testing.assert_close(scale.flatten(), absmax / 127.5, rtol=1e-6, atol=0)
             assert torch.equal(zp, torch.zeros_like(zp))
             assert not torch.allclose(scale[0, 0], scale[0, 1])  # heads really differ
     # and the quantized model uses them: the same logits as our own per-head int8 fake quantization

@@ -288,7 +288,7 @@ def test_symmetric_qparams(name: str) -> None:
     scale, zp = qparams(lo, hi, fmt, symmetric=True)
     assert scale.dtype == torch.float32 and zp.dtype == torch.float32
     want_zp = 2 ** (fmt.bits - 1) if name.startswith("uint") else 0
-    q_pos = {"int4": 7, "int8": 127, "uint4": 7, "uint8": 127, "fp8_e4m3": 448, "fp4_e2m1": 6}.get(name)
+    q_pos = {"int4": 7.5, "int8": 127.5, "uint4": 7.5, "uint8": 127.5, "fp8_e4m3": 448, "fp4_e2m1": 6}.get(name)
     for i in range(len(lo)):
         s_ref, zp_ref = qparams_ref(lo[i].item(), hi[i].item(), name, True)
         assert scale[i].item() == float(s_ref) and zp[i].item() == zp_ref == want_zp
@@ -366,9 +366,9 @@ def test_float16_scale_overflow_saturates() -> None:
 def test_pow2_scales(name: str) -> None:
     fmt = get_format(name)
     lo, hi = _random_ranges(3)
-    # adversarial: float32 scales one ulp above / below a power of two (int2: q_pos is 1, scale = absmax)
-    _, _, qmax = fmt_info(name)
-    q_pos = qmax - (2 ** (fmt.bits - 1) if name.startswith("uint") else 0)
+    # adversarial: float32 scales one ulp above / below a power of two (int2: q_pos is 1.5)
+    is_float, qmin, qmax = fmt_info(name)
+    q_pos = qmax if is_float else (qmax - qmin) / 2
     edge = torch.tensor([2.0**k for k in range(-12, 13)])
     edge = torch.cat([edge, torch.nextafter(edge, edge * 2), torch.nextafter(edge, edge / 2)])
     hi = torch.cat([hi, edge * q_pos])

@@ -123,8 +123,8 @@ def test_last_short_group_is_its_own_group() -> None:
     w[:, 96:] = torch.tensor([1e-3, -2e-3, 3e-3, 4e-3])  # tiny values in the 4-column tail
     qw = quantize_weight(w, spec)
     assert qw.scale.shape == (3, 4)
-    # the tail's scale is its own absmax / 7, not shared with the previous group
-    assert qw.scale[:, 3].tolist() == [float(F32(4e-3) / F32(7))] * 3
+    # the tail's scale is its own absmax / 7.5, not shared with the previous group
+    assert qw.scale[:, 3].tolist() == [float(F32(4e-3) / F32(7.5))] * 3
     assert torch.equal(qw.g_idx[96:], torch.full((4,), 3))
 
 
@@ -230,7 +230,8 @@ def test_mse_observer_never_worse_than_minmax(spec: QuantSpec) -> None:
             e_mm = ((d_mm[r][:, cols] - w64[r][:, cols]) ** 2).sum().item()
             assert e_mse <= e_mm * (1 + 1e-6), (r, cols[0], e_mse, e_mm)
             better += e_mse < e_mm * (1 - 1e-3)
-    assert better > 0  # the search found something on data with outliers
+    if spec.bits <= 4:  # at 8 bits clipping rarely pays; at 4 and below it must, on data with outliers
+        assert better > 0
 
 
 # --- bits per weight -------------------------------------------------------------------------------

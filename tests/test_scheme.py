@@ -345,4 +345,6 @@ def test_describe() -> None:
     assert A8.describe() == "int8 token sym dyn"
     assert QuantSpec("uint4", "channel", None, symmetric=False, observer="mse").describe() == "uint4 channel asym mse"
     assert Scheme().describe() == "nothing quantized"
+    assert QuantSpec("int4", "group", 32, scale_dtype="float16").describe() == "int4 g32 sym fp16-scale"
+    assert QuantSpec("fp4_e2m1", "group", 32, scale_dtype="pow2").describe() == "fp4_e2m1 g32 sym pow2-scale"
     assert Scheme(weights=W8, input_activations=A8).describe() == "W: int8 channel sym; A: int8 token sym dyn"

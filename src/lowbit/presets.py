@@ -17,8 +17,9 @@ _FP8_TOKEN = QuantSpec("fp8_e4m3", "token", None, dynamic=True)
 _KV8 = QuantSpec("int8", "token", None, symmetric=True, dynamic=True)
 
 
-def _g(fmt: str, group: int, symmetric: bool, **kw: object) -> QuantSpec:
-    return QuantSpec(fmt, "group", group, symmetric=symmetric, **kw)  # type: ignore[arg-type]
+def _g(fmt: str, group: int, symmetric: bool, scale_dtype: str = "float16") -> QuantSpec:
+    """Group-wise weights; fp16 scales, as the GPTQ/AWQ/compressed-tensors files that runtimes load store them."""
+    return QuantSpec(fmt, "group", group, symmetric=symmetric, scale_dtype=scale_dtype)
 
 
 PRESETS: dict[str, tuple[str, Scheme]] = {
@@ -29,8 +30,8 @@ PRESETS: dict[str, tuple[str, Scheme]] = {
         Scheme(weights=_g("uint4", 128, False)),
     ),
     "w4a16-g32": (
-        "4-bit integer weights, groups of 32, asymmetric. NOTE: the demo model's weights are stored on a "
-        "4-bit group-32 grid, so this preset is not an honest quality result on it",
+        "4-bit integer weights, groups of 32, asymmetric. NOTE: the demo model's weights were stored on "
+        "a 4-bit group-32 grid (with a float minimum); read results of this preset on it with care",
         Scheme(weights=_g("uint4", 32, False)),
     ),
     "w4a16-ch": (
@@ -61,7 +62,7 @@ PRESETS: dict[str, tuple[str, Scheme]] = {
     ),
     "mxfp4": (
         "FP4 E2M1 weights, groups of 32, power-of-two scales (OCP MX)",
-        Scheme(weights=_g("fp4_e2m1", 32, True, scale_dtype="pow2")),
+        Scheme(weights=_g("fp4_e2m1", 32, True, "pow2")),
     ),
     "kv8": ("int8 KV cache, dynamic per token and head; weights in float", Scheme(kv_cache=_KV8)),
     "w8a8-kv8": (

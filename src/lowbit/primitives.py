@@ -53,8 +53,10 @@ def qparams(
 
     ``lo``, ``hi``: float tensors of one shape (one entry per quantization group). Returns
     ``scale`` (float32, > 0) and ``zero_point`` (float32 holding integers) of that shape.
-    Symmetric: ``scale = max(|lo|, |hi|) / q_pos`` where ``q_pos`` is the largest positive
-    step from the zero point (7 for int4, 127 for int8, 448 for FP8 E4M3): nothing clips.
+    Symmetric: ``scale = max(|lo|, |hi|) / half`` with ``half = (qmax - qmin) / 2`` for integer
+    grids (7.5 for int4, 127.5 for int8: all 2**bits levels are used and the largest positive
+    value may clip by half a step, the convention of the GPTQ reference code, compressed-tensors
+    and torch.ao) and ``half = max`` for float grids (448 for FP8 E4M3: nothing clips).
     Asymmetric (integers only): the range is widened to contain 0, ``scale = (hi - lo) /
     (qmax - qmin)`` and ``zero_point = round(qmin - lo / scale)``, as ONNX
     ``DynamicQuantizeLinear``. A group of zeros gets scale 1, so no NaN can appear.
@@ -64,7 +66,8 @@ def qparams(
     if symmetric:
         zp = symmetric_zero_point(fmt)
         absmax = torch.maximum(lo.abs(), hi.abs())
-        scale = _round_scale(absmax / (fmt.qmax - zp), scale_dtype)
+        half = (fmt.qmax - fmt.qmin) / 2 if isinstance(fmt, IntFormat) else fmt.qmax
+        scale = _round_scale(absmax / half, scale_dtype)
         return scale, torch.full_like(scale, float(zp))
     if not isinstance(fmt, IntFormat):
         raise ValueError(f"{fmt.name} is a float format and supports only symmetric quantization")

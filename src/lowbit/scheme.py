@@ -80,6 +80,8 @@ class QuantSpec:
             parts.append("dyn")
         if self.observer != "minmax":
             parts.append(self.observer)
+        if self.scale_dtype != "float32":
+            parts.append({"float16": "fp16", "bfloat16": "bf16"}.get(self.scale_dtype, self.scale_dtype) + "-scale")
         return " ".join(parts)
 
 
