@@ -49,7 +49,7 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     _check_bits(bits)
     if not _is_integer_dtype(codes.dtype):
         raise LowbitError(f"pack_bits needs integer codes, got dtype {codes.dtype}; quantize to integer codes first.")
-    flat = codes.reshape(-1).to(torch.int64)  # unsigned 64-bit values past 2**63 wrap negative: caught below
+    flat = codes.reshape(-1)
     n = flat.numel()
     if n == 0:
         return torch.empty(0, dtype=torch.uint8, device=codes.device)
@@ -59,15 +59,20 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
             f"codes must lie in [0, {1 << bits}) for bits={bits}, found values in [{lo}, {hi}]; "
             "offset signed codes to be non-negative or use a wider bit width."
         )
+    flat = flat.to(torch.uint8)  # every value fits now; all work below stays in bytes
     if bits == 8:
-        return flat.to(torch.uint8)
-    shifts = torch.arange(bits, device=flat.device, dtype=torch.int64)
-    stream = ((flat.unsqueeze(1) >> shifts) & 1).to(torch.uint8).reshape(-1)  # (n*bits,) stream bits
-    pad = (-stream.numel()) % 8
-    if pad:
-        stream = torch.cat([stream, stream.new_zeros(pad)])
-    weights = torch.tensor([1 << j for j in range(8)], dtype=torch.int32, device=flat.device)
-    return (stream.reshape(-1, 8).to(torch.int32) * weights).sum(dim=1).to(torch.uint8)
+        return flat
+    # (n, bits) stream bits, LSB first, padded to whole bytes, then OR-ed 8 at a time
+    stream = torch.empty((n * bits + 7) // 8 * 8, dtype=torch.uint8, device=flat.device)
+    stream[n * bits :] = 0
+    bits_view = stream[: n * bits].view(n, bits)
+    for j in range(bits):
+        torch.bitwise_and(flat >> j, 1, out=bits_view[:, j])
+    octets = stream.view(-1, 8)
+    out = octets[:, 0].clone()
+    for j in range(1, 8):
+        out |= octets[:, j] << j
+    return out
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
@@ -99,7 +104,12 @@ def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
         )
     if bits == 8:
         return flat[:numel].clone()
-    shifts = torch.arange(8, device=flat.device, dtype=torch.uint8)
-    stream = ((flat[:needed].unsqueeze(1) >> shifts) & 1).reshape(-1)[: numel * bits]
-    weights = torch.tensor([1 << j for j in range(bits)], dtype=torch.int32, device=flat.device)
-    return (stream.reshape(numel, bits).to(torch.int32) * weights).sum(dim=1).to(torch.uint8)
+    stream = torch.empty(needed * 8, dtype=torch.uint8, device=flat.device)
+    octets = stream.view(needed, 8)
+    for j in range(8):
+        torch.bitwise_and(flat[:needed] >> j, 1, out=octets[:, j])
+    bits_view = stream[: numel * bits].view(numel, bits)
+    out = bits_view[:, 0].clone()
+    for j in range(1, bits):
+        out |= bits_view[:, j] << j
+    return out
