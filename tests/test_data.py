@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tiny_models import byte_tokenizer
 from transformers import PreTrainedTokenizerFast
 
 import lowbit.cache
@@ -28,11 +28,7 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
 @pytest.fixture(scope="module")
 def tok() -> PreTrainedTokenizerFast:
     """A byte-level tokenizer with no merges: one token per byte, plus an <eos> token (id 256)."""
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    vocab["<eos>"] = len(vocab)
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>")
+    return byte_tokenizer("<eos>")
 
 
 def _write(path: Path, text: str) -> Path:

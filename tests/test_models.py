@@ -10,8 +10,9 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from tiny_models import byte_tokenizer
+from tokenizers import pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM
 
 import lowbit.cache
 import lowbit.models
@@ -24,14 +25,6 @@ def cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPa
     path = tmp_path_factory.mktemp("cache")
     monkeypatch.setenv("LOWBIT_CACHE", str(path))
     return path
-
-
-def _byte_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    vocab["</s>"] = len(vocab)
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>")
 
 
 def _tiny_llama() -> LlamaForCausalLM:
@@ -58,7 +51,7 @@ def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
 def test_load_from_directory(tmp_path: Path, cache: Path) -> None:
     original = _tiny_llama()
     original.save_pretrained(tmp_path)
-    _byte_tokenizer().save_pretrained(tmp_path)
+    byte_tokenizer().save_pretrained(tmp_path)
     model, tok = load_model(str(tmp_path))
     assert isinstance(model, LlamaForCausalLM) and not model.training
     assert next(model.parameters()).dtype == torch.float32

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
 from torch import nn
 from transformers import (
     Gemma3ForCausalLM,
@@ -17,6 +18,7 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
 )
@@ -84,3 +86,12 @@ def token_ids(n: int, seq_len: int, seed: int = 1) -> torch.Tensor:
     """(n, seq_len) random token ids."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB, (n, seq_len), generator=g)
+
+
+def byte_tokenizer(eos: str = "</s>") -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer with no merges: one token per byte (ids 0..255), plus ``eos`` (id 256)."""
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab[eos] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eos)
