@@ -121,8 +121,10 @@ def _presets() -> int:
     from lowbit.presets import PRESETS
 
     width = max(map(len, PRESETS))
-    for name, (text, scheme) in PRESETS.items():
-        print(f"{name:<{width}}  {scheme.describe():<40}  {text}")
+    schemes = {name: scheme.describe() for name, (_, scheme) in PRESETS.items()}
+    scheme_width = max(map(len, schemes.values()))
+    for name, (text, _) in PRESETS.items():
+        print(f"{name:<{width}}  {schemes[name]:<{scheme_width}}  {text}")
     return 0
 
 
