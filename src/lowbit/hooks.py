@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -24,3 +24,25 @@ def forward_hooks(hooks: Mapping[nn.Module, Callable[..., Any]]) -> Iterator[Non
 
 class StopForward(Exception):
     """Raised by a capture hook to end a forward pass early."""
+
+
+@contextmanager
+def replaced_forwards(
+    modules: Iterable[nn.Module], make_forward: Callable[[int], Callable[..., Any]]
+) -> Iterator[None]:
+    """Give module ``i`` the forward ``make_forward(i)`` for the ``with`` body, then restore it.
+
+    A forward set on the instance before (accelerate's hooks do that) is put back as it was.
+    """
+    modules = list(modules)
+    saved = [m.__dict__.get("forward") for m in modules]
+    try:
+        for i, module in enumerate(modules):
+            module.forward = make_forward(i)
+        yield
+    finally:
+        for module, fwd in zip(modules, saved, strict=True):
+            if fwd is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = fwd

@@ -17,8 +17,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
-from lowbit.observers import make_observer
-from lowbit.primitives import fake_quantize, fake_quantize_range, per_token_fake_quantize, qparams
+from lowbit.primitives import fake_quantize, per_token_fake_quantize, qparams
+from lowbit.qweight import spec_observer
 from lowbit.scheme import QuantSpec
 
 ATTN_IMPL = "lowbit_kv"
@@ -48,16 +48,7 @@ class KVQuantizer(nn.Module):
         self.enabled = True
         self.qparams: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         n_obs = n_kv_heads if spec.granularity == "head" else 1
-        self._observers = {
-            kind: [make_observer(spec.observer, **self._observer_args()) for _ in range(n_obs)] for kind in ("k", "v")
-        }
-
-    def _observer_args(self) -> dict[str, Any]:
-        args = dict(self.spec.observer_args)
-        if self.spec.observer == "mse":
-            s = self.spec
-            args["fake_quant"] = lambda x, lo, hi: fake_quantize_range(x, lo, hi, s.fmt, s.symmetric, s.scale_dtype)
-        return args
+        self._observers = {kind: [spec_observer(spec) for _ in range(n_obs)] for kind in ("k", "v")}
 
     def _observe(self, kind: str, x: torch.Tensor) -> None:
         obs = self._observers[kind]

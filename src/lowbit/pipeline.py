@@ -27,12 +27,12 @@ from tqdm.auto import tqdm
 from lowbit.algorithms import Algorithm, BlockContext, build_algorithm
 from lowbit.archs import Arch, decoder_blocks, get_arch
 from lowbit.errors import LowbitError
-from lowbit.hooks import StopForward
+from lowbit.hooks import StopForward, replaced_forwards
 from lowbit.kvcache import KVQuantizer, attach_kv_quantizers
 from lowbit.modules import ActQuantizer, QuantLinear
-from lowbit.observers import Observer, make_observer
-from lowbit.primitives import fake_quantize_range
-from lowbit.scheme import QuantSpec, Recipe
+from lowbit.observers import Observer
+from lowbit.qweight import spec_observer
+from lowbit.scheme import Recipe
 
 
 @dataclass
@@ -70,15 +70,6 @@ class RunReport:
         }
 
 
-def _observer(spec: QuantSpec) -> Observer:
-    args = dict(spec.observer_args)
-    if spec.observer == "mse":
-        args["fake_quant"] = lambda x, lo, hi: fake_quantize_range(
-            x, lo, hi, spec.fmt, spec.symmetric, spec.scale_dtype
-        )
-    return make_observer(spec.observer, **args)
-
-
 @torch.no_grad()
 def capture_calibration_inputs(
     model: nn.Module, blocks: nn.ModuleList, calib: torch.Tensor, batch_size: int
@@ -107,19 +98,10 @@ def capture_calibration_inputs(
 
         return forward
 
-    saved = [b.__dict__.get("forward") for b in blocks]  # accelerate hooks set an instance forward
-    try:
-        for i, block in enumerate(blocks):
-            block.forward = bypass(i)
+    with replaced_forwards(blocks, bypass):
         for batch in calib.split(batch_size):
             with contextlib.suppress(StopForward):
                 model(input_ids=batch, use_cache=False)
-    finally:
-        for block, fwd in zip(blocks, saved, strict=True):
-            if fwd is None:
-                del block.forward
-            else:
-                block.forward = fwd
     return hidden, kwargs
 
 
@@ -191,7 +173,7 @@ def _quantize_block(
     """Quantize one block in place; returns its quantized outputs and its relative output error."""
     targets, specs = _targets(block, prefix, recipe)
     ctx = BlockContext(block, index, prefix, arch, recipe.scheme, inputs, targets, specs)
-    observers = {n: _observer(a) for n, (_, a) in specs.items() if a is not None and not a.dynamic}
+    observers = {n: spec_observer(a) for n, (_, a) in specs.items() if a is not None and not a.dynamic}
     float_out = _float_pass(ctx, observers, kv_quants[index] if kv_quants else None)
     for algorithm in algorithms:
         algorithm.apply(ctx)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.observers import row_range
+from lowbit.observers import FakeQuant, Observer, make_observer, row_range
 from lowbit.primitives import SCALE_DTYPES, fake_quantize_range, group_index, qparams, quantize
 from lowbit.scheme import QuantSpec
 
@@ -57,12 +57,27 @@ class QuantizedWeight:
         return self.spec.bits + extra / (out * inp)
 
 
-def weight_ranges(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Observed (lo, hi) of each group of ``w`` (out, in) -> two (out, G) (or (1, 1)) tensors."""
+def spec_fake_quant(spec: QuantSpec) -> FakeQuant:
+    """``fake_quant(x, lo, hi)`` with ``spec``'s format, symmetry and scale dtype (for MSE search)."""
     fmt = spec.fmt
 
     def fake(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
         return fake_quantize_range(x, lo, hi, fmt, spec.symmetric, spec.scale_dtype)
+
+    return fake
+
+
+def spec_observer(spec: QuantSpec) -> Observer:
+    """A stateful activation observer as ``spec`` names it (the MSE one gets the spec's fake-quant)."""
+    args = dict(spec.observer_args)
+    if spec.observer == "mse":
+        args["fake_quant"] = spec_fake_quant(spec)
+    return make_observer(spec.observer, **args)
+
+
+def weight_ranges(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Observed (lo, hi) of each group of ``w`` (out, in) -> two (out, G) (or (1, 1)) tensors."""
+    fake = spec_fake_quant(spec)
 
     def ranges(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return row_range(rows, spec.observer, fake_quant=fake, **spec.observer_args)
