@@ -18,9 +18,6 @@ renamed into place only when complete, so an existing output is never half-overw
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +32,7 @@ from lowbit.archs import decoder_blocks, get_arch
 from lowbit.errors import LowbitError
 from lowbit.kvcache import KVQuantizer, attach_kv_quantizers
 from lowbit.modules import ActQuantizer, QuantLinear
+from lowbit.outdir import atomic_dir, check_free
 from lowbit.packing import pack_bits, packed_nbytes, unpack_bits
 from lowbit.primitives import group_index, symmetric_zero_point
 from lowbit.qweight import QuantizedWeight
@@ -108,9 +106,7 @@ def save_quantized(
 ) -> Path:
     """Write ``model`` (with QuantLinear modules) and its tokenizer to ``out_dir`` atomically."""
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise LowbitError(f"output {out} already exists; choose another --out or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_free(out, overwrite)
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, Any] = {}
     skip: set[str] = set()
@@ -156,24 +152,12 @@ def save_quantized(
     meta = {"format_version": FORMAT_VERSION, **provenance}
     meta.update(format_version=FORMAT_VERSION, layers=layers, kv_cache=kv_spec)
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the output is ordinary user data
+    with atomic_dir(out, overwrite) as tmp:
         model.config.save_pretrained(tmp)  # type: ignore[union-attr, operator]
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "lowbit": str(FORMAT_VERSION)})
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -22,6 +22,18 @@ EPILOG = """examples:
 """
 
 
+EXPORT_EPILOG = """formats and options:
+  compressed-tensors  int4/int8 weights (pack-quantized), W8A8 int8, FP8 (float-quantized), KV cache; vLLM, transformers
+  gptq                HF GPTQ layout (qweight/qzeros/scales/g_idx), int2/3/4/8 weight-only
+  awq                 AWQ GEMM layout, uint4 asymmetric groups, weight-only
+  gguf                llama.cpp; --opt type=f16|Q8_0|Q4_0|Q4_1|Q5_0|Q4_K|Q6_K (default: the type that holds the grid)
+  onnx                onnxruntime; QuantizeLinear/DequantizeLinear for W8A8, MatMulNBits for 4-bit weights
+examples:
+  lowbit export lowbit-out/demo-w4a16 --format compressed-tensors --out exported/ct
+  lowbit export lowbit-out/demo-w4a16-g32 --format gguf --opt type=Q4_0 --out exported/gguf
+"""
+
+
 def _positive_int(text: str) -> int:
     """argparse type: an integer >= 1 (a count or a length)."""
     try:
@@ -95,6 +107,25 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", default="demo", help="evaluation text (same forms as --calib; default demo)")
     _add_data_args(e)
 
+    x = sub.add_parser(
+        "export",
+        help="write a quantized model in a runtime's format (compressed-tensors, gptq, awq, gguf, onnx)",
+        description="Convert a lowbit checkpoint (the --out of `lowbit quantize`) into a format that a runtime "
+        "loads. Every layer is checked first: when the format cannot hold a layer's grid (bits, group size, "
+        "symmetry, activation or KV quantization), nothing is written and the error names the layers and the "
+        "property. The output appears only when complete.",
+        epilog=EXPORT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    x.add_argument("checkpoint", help="lowbit checkpoint directory")
+    x.add_argument("--format", required=True, dest="fmt", help="compressed-tensors, gptq, awq, gguf or onnx")
+    x.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
+    x.add_argument(
+        "--opt", action="append", default=[], metavar="KEY=VALUE", help="a format option, e.g. --opt type=Q4_K"
+    )
+    x.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    x.add_argument("--quiet", action="store_true", help="no progress bars")
+
     sub.add_parser("presets", help="list the presets", description="List the presets, one per line.")
     return parser
 
@@ -116,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
             return _presets()
         if args.command == "quantize":
             return _quantize(args)
+        if args.command == "export":
+            return _export(args)
         return _eval(args)
     except LowbitError as err:
         print(f"lowbit: error: {err}", file=sys.stderr)
@@ -126,6 +159,17 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if restore_bars:
             hf_logging.enable_progress_bar()
+
+
+def _export(args: argparse.Namespace) -> int:
+    from lowbit.export import export_checkpoint
+    from lowbit.export.base import parse_options
+
+    result = export_checkpoint(args.checkpoint, args.fmt, args.out, parse_options(args.opt), args.overwrite)
+    print(f"wrote {result.format} to {result.out}: {', '.join(result.files)}")
+    for note in result.notes:
+        print(f"  note: {note}")
+    return 0
 
 
 def _presets() -> int:
