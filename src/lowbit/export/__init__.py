@@ -38,6 +38,8 @@ def get_exporter(fmt: str) -> Exporter:
     try:
         exporter = getattr(importlib.import_module(module), attr)
     except ImportError as exc:
+        if (exc.name or "").startswith("lowbit"):
+            raise  # our own module is broken or missing: a bug, not a missing package
         raise LowbitError(f"the {fmt} exporter needs a package that is not installed ({exc}); pip install it") from exc
     assert isinstance(exporter, Exporter)
     return exporter
