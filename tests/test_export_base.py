@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from tiny_models import tiny_llama, token_ids
@@ -23,7 +23,7 @@ class FakeExporter(Exporter):
     """Refuses down_proj layers when asked to; otherwise writes one file per quantized linear."""
 
     name = "fake"
-    options_help = {"refuse": "refuse every down_proj", "fail": "raise while writing"}
+    options_help: ClassVar[Mapping[str, str]] = {"refuse": "refuse every down_proj", "fail": "raise while writing"}
 
     def check(self, model: nn.Module, options: Mapping[str, str]) -> list[Problem]:
         if options.get("refuse") != "yes":
@@ -54,7 +54,7 @@ def quantized() -> nn.Module:
 
 
 def test_unknown_format_lists_the_formats() -> None:
-    with pytest.raises(LowbitError, match="unknown export format 'safetensor'.*compressed-tensors.*gguf.*onnx"):
+    with pytest.raises(LowbitError, match=r"unknown export format 'safetensor'.*compressed-tensors.*gguf.*onnx"):
         export.get_exporter("safetensor")
 
 

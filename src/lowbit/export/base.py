@@ -14,7 +14,7 @@ from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import nn
 
@@ -51,7 +51,7 @@ class Exporter:
 
     name: str = ""
     description: str = ""
-    options_help: Mapping[str, str] = {}  # option -> what it does (``lowbit export --opt KEY=VALUE``)
+    options_help: ClassVar[Mapping[str, str]] = {}  # option -> what it does (``lowbit export --opt KEY=VALUE``)
 
     def check(self, model: nn.Module, options: Mapping[str, str]) -> list[Problem]:
         """Every reason ``model`` cannot be written (empty: it can). Must not write anything."""
