@@ -7,6 +7,7 @@
 >>> api.save_quantized(model, tok, "out/w4a16", report)
 >>> qmodel, tok, meta = api.load_quantized("out/w4a16")
 >>> result = api.evaluate(qmodel, api.eval_windows(tok, "demo"), baseline=model_fp)
+>>> api.export_model(qmodel, tok, "gguf", "out/w4a16-gguf", {"type": "Q4_K"})  # or compressed-tensors, onnx, ...
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from lowbit.checkpoint import save_quantized as _save
 from lowbit.data import calibration_samples, eval_windows, load_texts
 from lowbit.errors import LowbitError
 from lowbit.eval import EvalResult, evaluate
+from lowbit.export import export_checkpoint, export_model
 from lowbit.models import load_model
 from lowbit.modules import QuantLinear
 from lowbit.pipeline import RunReport, quantize_model
@@ -36,6 +38,8 @@ __all__ = [
     "calibration_samples",
     "eval_windows",
     "evaluate",
+    "export_checkpoint",
+    "export_model",
     "is_quantized_dir",
     "load_any",
     "load_model",
