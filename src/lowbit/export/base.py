@@ -86,7 +86,7 @@ def kv_quantizers(model: nn.Module) -> list[tuple[str, KVQuantizer]]:
     return out
 
 
-def _short_list(names: list[str], limit: int = 3) -> str:
+def short_list(names: list[str], limit: int = 3) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f", ... (+{len(names) - limit} more)" if len(names) > limit else "")
 
@@ -98,7 +98,7 @@ def refusal(fmt: str, problems: list[Problem], hint: str = "") -> LowbitError:
         groups[(p.prop, p.detail)].append(p.layer)
     lines = [f"cannot export to {fmt}:"]
     for (prop, detail), layers in groups.items():
-        lines.append(f"  - {prop}: {detail} [{len(layers)} layer(s): {_short_list(layers)}]")
+        lines.append(f"  - {prop}: {detail} [{len(layers)} layer(s): {short_list(layers)}]")
     lines.append(hint or f"re-quantize with a scheme {fmt} can hold (`lowbit export --help`), or choose another format")
     return LowbitError("\n".join(lines))
 
