@@ -64,7 +64,7 @@ def export_model(
     check_free(out, overwrite)
     problems = exporter.check(model, options)
     if problems:
-        raise refusal(fmt, problems)
+        raise refusal(fmt, problems, exporter.refusal_hint)
     with atomic_dir(out, overwrite) as tmp:
         notes = exporter.write(model, tokenizer, tmp, options)
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())

@@ -52,6 +52,7 @@ class Exporter:
     name: str = ""
     description: str = ""
     options_help: ClassVar[Mapping[str, str]] = {}  # option -> what it does (``lowbit export --opt KEY=VALUE``)
+    refusal_hint: str = ""  # the last line of a refusal: what to do instead (default: re-quantize)
 
     def check(self, model: nn.Module, options: Mapping[str, str]) -> list[Problem]:
         """Every reason ``model`` cannot be written (empty: it can). Must not write anything."""

@@ -46,6 +46,10 @@ class OnnxExporter(Exporter):
         "ONNX graph with KV cache for onnxruntime (CPU): MatMulNBits for integer weight-only layers, "
         "QuantizeLinear/DequantizeLinear for int8 activations (W8A8); llama, mistral, qwen2, qwen3"
     )
+    refusal_hint = (
+        "re-quantize with integer weights (and int8 activations) for the layers named, export another "
+        "architecture's model to compressed-tensors or gguf instead, or choose another format"
+    )
     options_help: ClassVar[Mapping[str, str]] = {
         "accuracy_level": "MatMulNBits accuracy_level: 0 (default: float activations, matches lowbit), 1 fp32, "
         "2 fp16, 3 bf16, 4 int8 activations inside MatMulNBits (faster on CPU, not lowbit's numerics)",
