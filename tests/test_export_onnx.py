@@ -34,7 +34,7 @@ from lowbit.export import export_model
 from lowbit.export.onnx_builder import FLOAT, GraphBuilder, value_info
 from lowbit.export.onnx_linear import lower_linear, nbits_block, pack_bits
 from lowbit.export.onnx_runtime import OnnxLM
-from lowbit.modules import QuantLinear
+from lowbit.modules import ActQuantizer, QuantLinear
 from lowbit.pipeline import quantize_model
 from lowbit.presets import get_preset
 from lowbit.qweight import QuantizedWeight, quantize_weight
@@ -274,6 +274,48 @@ def test_quantized_activations_are_qdq(case: str, tmp_path: Path) -> None:
         assert ops["DequantizeLinear"] == ops["QuantizeLinear"] and ops["MatMulNBits"] == N_LINEARS
 
 
+@pytest.mark.parametrize("case", W8A8)
+def test_each_layer_reproduces_its_module_on_its_onnx_input(case: str, tmp_path: Path) -> None:
+    """Layer by layer on onnxruntime's own inputs: exact where logits of deep models cannot be.
+
+    Per-token rounding makes a model's logits jump with its float rounding (see OnnxLM.linear_io),
+    so each layer is checked on the very input onnxruntime gave it; many tokens, two batch rows.
+    """
+    weights, acts = W8A8[case]
+    model = _quantized(tiny_llama(), _recipe(weights, acts))
+    lm = _export(model, tmp_path / "onnx")
+    seen = lm.linear_io(token_ids(2, 37, seed=5))
+    assert set(seen) == {n for n, m in model.named_modules() if isinstance(m, QuantLinear)} | {"lm_head"}
+    with torch.no_grad():
+        for name, (x, y) in seen.items():
+            assert x.shape[:2] == y.shape[:2] == (2, 37), name
+            want = model.get_submodule(name)(x)
+            assert _max_diff(y, want) < 1e-5 * want.abs().max().item(), name
+
+
+@pytest.mark.parametrize("shape", [(576, 1536), (1536, 576)])
+def test_one_layer_w8a8_dynamic_many_tokens(shape: tuple[int, int]) -> None:
+    """The demo model's widths, tokens of very different ranges: one scale per token, exactly."""
+    import onnxruntime as ort
+
+    k, n = shape
+    torch.manual_seed(0)
+    layer = QuantLinear(quantize_weight(0.05 * torch.randn(n, k), QuantSpec("int8", "channel", None)), None)
+    layer.act = ActQuantizer(QuantSpec("int8", "token", None, dynamic=True))
+    g = GraphBuilder()
+    y = lower_linear(g, "x", "layer", layer)
+    proto = g.model([value_info("x", FLOAT, [None, None, k])], [value_info(y, FLOAT, [None, None, n])])
+    x = torch.randn(3, 17, k) * torch.logspace(-2, 2, 17).reshape(1, 17, 1)  # token ranges 0.01 .. 100
+    x[:, 5, 7] = 500.0  # an outlier that sets one token's scale
+    got = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x.numpy()}
+    )[0]
+    with torch.no_grad():
+        want = layer(x)
+    rel = (torch.from_numpy(got) - want).abs().amax(-1) / want.abs().amax(-1)  # per token
+    assert rel.max().item() < 1e-5
+
+
 REFUSED = {
     "fp8": (lambda: _recipe(QuantSpec("fp8_e4m3", "channel", None)), "weights format"),
     "group24": (lambda: _recipe(QuantSpec("int4", "group", 24)), "group size"),
@@ -330,3 +372,9 @@ def test_runner_errors(tmp_path: Path) -> None:
         lm(IDS[:1, :1], past)
     with pytest.raises(LowbitError, match="batch, sequence"):
         lm(IDS[0])
+    with pytest.raises(LowbitError, match="batch, sequence"):
+        lm.linear_io(IDS[0])
+    io = tmp_path / "onnx" / "onnx_io.json"
+    io.write_text(json.dumps({k: v for k, v in json.loads(io.read_text()).items() if k != "linears"}))
+    with pytest.raises(LowbitError, match="lists no linear layers"):
+        OnnxLM(tmp_path / "onnx").linear_io(IDS)

@@ -9,7 +9,8 @@ on the weight into ``MatMul``. See :mod:`lowbit.export.onnx_linear` and
 runs the result.
 
 Output: ``model.onnx`` with its weights in ``model.onnx.data``, ``onnx_io.json`` (input and
-output names, cache layout, lowering counts), ``config.json`` and the tokenizer files.
+output names, cache layout, lowering counts, each linear layer's input and output tensor names
+for :meth:`~lowbit.export.onnx_runtime.OnnxLM.linear_io`), ``config.json`` and the tokenizer files.
 """
 
 from __future__ import annotations

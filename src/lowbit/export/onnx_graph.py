@@ -154,6 +154,7 @@ def build_decoder(model: nn.Module, accuracy_level: int = 0) -> tuple[onnx.Model
         "vocab_size": d["vocab"],
         "kv_layout": "(batch, num_kv_heads, past_length, head_dim) float32",
         "attention_mask": "none: rows of a batch share positions (no padding)",
+        "linears": {name: {"input": x, "output": y} for name, (x, y) in b.linears.items()},
     }
     return proto, io
 
@@ -162,6 +163,7 @@ class _Decoder:
     def __init__(self, g: GraphBuilder, model: nn.Module, layout: Layout, d: dict[str, int], acc: int) -> None:
         self.g, self.model, self.layout, self.d, self.acc = g, model, layout, d, acc
         self.present: list[tuple[str, str]] = []
+        self.linears: dict[str, tuple[str, str]] = {}  # layer -> its input and output tensor names
 
     def _w(self, name: str) -> str:
         return self.g.tensor(f"{name}.weight", _weight(self.model.get_submodule(name)))
@@ -175,7 +177,9 @@ class _Decoder:
         return g.op("Mul", normed, self._w(name), name=name)
 
     def linear(self, x: str, name: str) -> str:
-        return lower_linear(self.g, x, name, self.model.get_submodule(name), self.acc)
+        y = lower_linear(self.g, x, name, self.model.get_submodule(name), self.acc)
+        self.linears[name] = (x, y)
+        return y
 
     def run(self) -> str:
         g, layout, d = self.g, self.layout, self.d

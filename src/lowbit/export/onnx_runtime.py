@@ -4,6 +4,15 @@
 >>> logits, past = lm(input_ids)                    # prefill: (B, S, V) float32
 >>> logits, past = lm(next_ids, past)               # one step: (B, 1, V), the cache grows by 1
 >>> tokens = lm.generate(input_ids, max_new_tokens=32)
+>>> seen = lm.linear_io(input_ids)                  # {layer: (its input, its output)} in this run
+
+``linear_io`` checks an export layer by layer: each module applied to the input onnxruntime gave
+it must reproduce onnxruntime's output. With dynamic per-token activation quantization that is
+the test to use on deep models: logits of two engines are not comparable there, since a value
+that float rounding puts on the other side of a rounding boundary changes a token's quantized
+input by one step, and those changes spread and multiply from layer to layer (30 layers of
+SmolLM2-135M W8A8: 30% of the logit scale, as much as lowbit's own model differs between its
+sdpa and eager attention).
 
 The KV cache stays in onnxruntime's own buffers (``OrtValue``) between calls: each step binds
 the previous step's ``present_*`` outputs as the next step's ``past_*`` inputs, so it is never
@@ -18,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 
@@ -37,6 +47,12 @@ class OnnxCache:
     _keep: list[np.ndarray] = field(default_factory=list, repr=False)  # buffers the OrtValues view
 
 
+def _ids(input_ids: torch.Tensor) -> np.ndarray:
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise LowbitError(f"input_ids must be (batch, sequence) with sequence >= 1, got {tuple(input_ids.shape)}")
+    return np.ascontiguousarray(input_ids.detach().cpu().to(torch.int64).numpy())
+
+
 class OnnxLM:
     """A causal LM exported by lowbit's ``onnx`` exporter, run by onnxruntime (CPU)."""
 
@@ -46,14 +62,10 @@ class OnnxLM:
             raise LowbitError(
                 f"{path} holds no lowbit ONNX export ({MODEL_FILE}, {IO_FILE}); run `lowbit export -f onnx`"
             )
+        self.path = path
         self.io = json.loads((path / IO_FILE).read_text())
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads is not None:
-            if threads < 1:
-                raise LowbitError(f"threads must be at least 1, got {threads}")
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
+        self.threads = threads
+        options = self._options()
         try:
             self.session = ort.InferenceSession(str(path / MODEL_FILE), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own exception types
@@ -63,6 +75,17 @@ class OnnxLM:
         self.kv_heads: int = self.io["num_kv_heads"]
         self.head_dim: int = self.io["head_dim"]
 
+    def _options(self) -> ort.SessionOptions:
+        threads = self.threads
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads is not None:
+            if threads < 1:
+                raise LowbitError(f"threads must be at least 1, got {threads}")
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        return options
+
     def empty_cache(self, batch: int) -> OnnxCache:
         zeros = np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32)
         values = [ort.OrtValue.ortvalue_from_numpy(zeros) for _ in self.past_names]
@@ -70,9 +93,7 @@ class OnnxLM:
 
     def __call__(self, input_ids: torch.Tensor, past: OnnxCache | None = None) -> tuple[torch.Tensor, OnnxCache]:
         """Logits (B, S, V) float32 of ``input_ids`` (B, S) following ``past``, and the grown cache."""
-        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise LowbitError(f"input_ids must be (batch, sequence) with sequence >= 1, got {tuple(input_ids.shape)}")
-        ids = np.ascontiguousarray(input_ids.detach().cpu().to(torch.int64).numpy())
+        ids = _ids(input_ids)
         batch, seq = ids.shape
         if past is None:
             past = self.empty_cache(batch)
@@ -103,3 +124,29 @@ class OnnxLM:
             if step + 1 < max_new_tokens:
                 logits, past = self(nxt, past)
         return torch.cat(tokens, dim=1)
+
+    def linear_io(self, input_ids: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Each linear layer's input and output in onnxruntime's run of ``input_ids`` (no cache).
+
+        Keys are the layers' module names; the input is the float tensor before any activation
+        quantization, so ``module(input)`` is what lowbit computes from the same values.
+        """
+        linears: dict[str, dict[str, str]] | None = self.io.get("linears")
+        if linears is None:
+            raise LowbitError(f"{self.path / IO_FILE} lists no linear layers; re-export with this lowbit version")
+        proto = onnx.load(str(self.path / MODEL_FILE), load_external_data=False)
+        names = list(dict.fromkeys(n for ends in linears.values() for n in (ends["input"], ends["output"])))
+        known = {o.name for o in proto.graph.output}
+        proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in known)
+        options = self._options()  # the weights stay in the export's data file, read from there
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.path))
+        session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        ids = _ids(input_ids)
+        feeds: dict[str, Any] = {"input_ids": ids}
+        empty = np.zeros((ids.shape[0], self.kv_heads, 0, self.head_dim), np.float32)
+        feeds.update({name: empty for name in self.past_names})
+        values = dict(zip(names, session.run(names, feeds), strict=True))
+        return {
+            layer: (torch.from_numpy(values[ends["input"]]), torch.from_numpy(values[ends["output"]]))
+            for layer, ends in linears.items()
+        }
