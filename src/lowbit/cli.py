@@ -23,15 +23,22 @@ EPILOG = """examples:
 
 
 EXPORT_EPILOG = """formats and options:
-  compressed-tensors  int4/int8 weights (pack-quantized), W8A8 int8, FP8 (float-quantized), KV cache; vLLM, transformers
-  gptq                HF GPTQ layout (qweight/qzeros/scales/g_idx), int2/3/4/8 weight-only
-  awq                 AWQ GEMM layout, uint4 asymmetric groups, weight-only
-  gguf                llama.cpp; --opt type=f16|Q8_0|Q4_0|Q4_1|Q5_0|Q4_K|Q6_K (default: the type that holds the grid)
-  onnx                onnxruntime; QuantizeLinear/DequantizeLinear for W8A8, MatMulNBits for 4-bit weights
+  compressed-tensors  int4/int8 weights (pack-quantized), W8A8 int8, FP8 (float-quantized), MXFP4, static KV
+                      scales; for vLLM and transformers; --opt dtype=float32|float16|bfloat16
+  gptq                HF GPTQ layout (qweight/qzeros/scales/g_idx), 2/3/4/8-bit weight-only;
+                      --opt checkpoint_format=gptq (zero points stored minus 1, default) or gptq_v2
+  awq                 AWQ GEMM layout, 4-bit groups (symmetric stored as zero point 8), weight-only
+  gguf                llama.cpp; --opt type=f32|f16|Q8_0|Q5_0|Q5_1|Q4_0|Q4_1|Q4_K|Q6_K (default: the smallest type
+                      that holds every layer's grid exactly), --opt embeddings=TYPE (default f16)
+  onnx                onnxruntime; MatMulNBits for 2..8-bit weights, QuantizeLinear/DequantizeLinear for int8
+                      activations; --opt accuracy_level=0..4 (0: lowbit's numerics; 4: int8 math, faster)
 examples:
   lowbit export lowbit-out/demo-w4a16 --format compressed-tensors --out exported/ct
   lowbit export lowbit-out/demo-w4a16-g32 --format gguf --opt type=Q4_0 --out exported/gguf
 """
+
+
+BENCH_PATHS = "fp32,lowbit,kernels,onnxruntime"  # lowbit.speed.PATHS, without importing torch here
 
 
 def _positive_int(text: str) -> int:
@@ -126,8 +133,57 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     x.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    _add_run_parsers(sub)
     sub.add_parser("presets", help="list the presets", description="List the presets, one per line.")
     return parser
+
+
+def _add_run_parsers(sub: Any) -> None:
+    r = sub.add_parser(
+        "run",
+        help="generate a reply to a prompt with a quantized model (greedy), and print tokens/s",
+        description="Load MODEL (a lowbit checkpoint or any model `lowbit eval` takes), generate greedily "
+        "from --prompt (through the tokenizer's chat template unless --raw), print the text on stdout and the "
+        "speed on stderr. "
+        "With kernels (the default where torch has them), 4-bit and 8-bit per-channel layers run on torch's "
+        "CPU low-bit kernels and the model computes in bfloat16: faster, and numerically close to but not the "
+        "same as lowbit's float32 reference (--no-kernels).",
+    )
+    r.add_argument("model", help="lowbit output directory, Hub id, HF directory, .gguf or 'demo'")
+    r.add_argument("--prompt", required=True, help="the text to reply to")
+    r.add_argument("--max-new-tokens", type=_positive_int, default=64, help="most tokens to generate (default 64)")
+    r.add_argument(
+        "--kernels",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run quantized layers on torch's int4/int8 CPU kernels in bfloat16 (default: on when this torch has "
+        "them and they take some layer of the model)",
+    )
+    r.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
+    r.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all cores)")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    b = sub.add_parser(
+        "bench",
+        help="prefill and decode tokens/s of fp32, lowbit, kernels and onnxruntime, against the bandwidth bound",
+        description="Time greedy generation (random prompt of --prompt-len tokens, then --new-tokens decode steps "
+        "with a KV cache) at each batch size on each path, in one run: fp32 (the float model in PyTorch: the "
+        "checkpoint's dequantized weights, or --baseline), lowbit (QuantLinear, float32), kernels (torch's "
+        "int4/int8 CPU kernels, bfloat16 activations) and onnxruntime (the checkpoint exported to ONNX; skipped "
+        "with the reason when the exporter refuses it). Prints tokens/s, the ratio to fp32, the bytes each decode "
+        "step reads (weights as stored + KV cache), the bound that the measured copy bandwidth puts on decoding, "
+        "and the tensors' memory (weights + KV cache, computed).",
+    )
+    b.add_argument("model", help="lowbit output directory (or any model)")
+    b.add_argument("--baseline", default=None, help="float model for the fp32 path (default: dequantized weights)")
+    b.add_argument("--prompt-len", type=_positive_int, default=128, help="prompt tokens (default 128)")
+    b.add_argument("--new-tokens", type=_positive_int, default=32, help="decode steps timed (default 32)")
+    b.add_argument("--batch", default="1,8", help="comma-separated batch sizes (default 1,8)")
+    b.add_argument("--paths", default=BENCH_PATHS, help=f"comma-separated paths (default {BENCH_PATHS})")
+    b.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all cores)")
+    b.add_argument("--repeat", type=_positive_int, default=1, help="timed rounds over all paths, best kept (default 1)")
+    b.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
+    b.add_argument("--quiet", action="store_true", help="no progress messages")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,6 +205,10 @@ def main(argv: list[str] | None = None) -> int:
             return _quantize(args)
         if args.command == "export":
             return _export(args)
+        if args.command == "run":
+            return _run(args)
+        if args.command == "bench":
+            return _bench(args)
         return _eval(args)
     except LowbitError as err:
         print(f"lowbit: error: {err}", file=sys.stderr)
@@ -169,6 +229,67 @@ def _export(args: argparse.Namespace) -> int:
     print(f"wrote {result.format} to {result.out}: {', '.join(result.files)}")
     for note in result.notes:
         print(f"  note: {note}")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    import torch
+
+    from lowbit import api
+    from lowbit.generate import generate_text
+    from lowbit.kernels import kernel_layer_count, kernels_available, use_kernels
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = api.load_any(args.model)
+    if tok is None:
+        raise LowbitError(f"{args.model} has no tokenizer files; save the model with its tokenizer to run prompts")
+    kernels = args.kernels
+    if kernels is None:  # on where they take some layer; a float model stays float32
+        kernels = kernels_available() and kernel_layer_count(model) > 0
+    mode = "no kernels: lowbit's float32 reference"
+    if kernels:
+        report = use_kernels(model)
+        mode = "; ".join(report.lines())
+    gen = generate_text(model, tok, args.prompt, args.max_new_tokens, chat=not args.raw)
+    t = gen.timing
+    print(gen.text, flush=True)
+    decode = f"{t.decode_tok_s:.1f} tok/s" if t.decode_tok_s else "-"
+    seconds = t.prefill_s + t.decode_s
+    print(
+        f"[{gen.new_tokens} tokens in {seconds:.2f} s ({gen.new_tokens / seconds:.1f} tok/s): prompt "
+        f"{gen.prompt_tokens} tokens at {t.prefill_tok_s:.1f} tok/s, decode {decode}; {mode}]",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _int_list(text: str, what: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise LowbitError(f"{what} must be comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise LowbitError(f"{what} must be positive integers, got {text!r}")
+    return values
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from lowbit.speed import BenchSettings, bench, format_bench
+
+    settings = BenchSettings(
+        prompt_len=args.prompt_len,
+        new_tokens=args.new_tokens,
+        batches=_int_list(args.batch, "--batch"),
+        paths=tuple(p.strip() for p in args.paths.split(",") if p.strip()),
+        threads=args.threads,
+        repeat=args.repeat,
+        baseline=args.baseline,
+    )
+    settings.check()
+    log = None if args.quiet else (lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
+    result = bench(args.model, settings, log)
+    print(json.dumps(result.to_dict(), indent=1) if args.json else format_bench(result))
     return 0
 
 

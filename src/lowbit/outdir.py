@@ -33,7 +33,7 @@ def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     except OSError as exc:
-        raise LowbitError(f"could not create {out} ({exc})") from exc
+        raise LowbitError(f"could not write {out} ({exc})") from exc
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the output is ordinary user data
         yield tmp
