@@ -139,3 +139,12 @@ def test_cli_export_from_checkpoint(fake: FakeExporter, tmp_path: Path, capsys: 
     err = capsys.readouterr().err
     assert "cannot export to fake" in err and "mlp.down_proj" in err
     assert not (tmp_path / "p").exists()
+
+
+def test_missing_package_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(name: str) -> None:
+        raise ModuleNotFoundError(f"No module named {name!r}", name="onnxruntime")
+
+    monkeypatch.setattr(export.importlib, "import_module", fail)
+    with pytest.raises(LowbitError, match=r"needs the package 'onnxruntime'.*pip install 'lowbit\[export\]'"):
+        export.get_exporter("onnx")

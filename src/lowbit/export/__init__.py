@@ -40,7 +40,10 @@ def get_exporter(fmt: str) -> Exporter:
     except ImportError as exc:
         if (exc.name or "").startswith("lowbit"):
             raise  # our own module is broken or missing: a bug, not a missing package
-        raise LowbitError(f"the {fmt} exporter needs a package that is not installed ({exc}); pip install it") from exc
+        raise LowbitError(
+            f"the {fmt} exporter needs the package {exc.name!r}, which is not installed; "
+            "pip install 'lowbit[export]' (compressed-tensors, onnx, onnxruntime)"
+        ) from exc
     assert isinstance(exporter, Exporter)
     return exporter
 
