@@ -14,7 +14,7 @@ import lowbit.export as export
 from lowbit import api
 from lowbit.cli import main
 from lowbit.errors import LowbitError
-from lowbit.export.base import Exporter, Problem, parse_options, quantized_linears, refusal
+from lowbit.export.base import Exporter, Problem, dividing_groups, parse_options, quantized_linears, refusal
 from lowbit.pipeline import quantize_model
 from lowbit.presets import get_preset
 
@@ -148,3 +148,11 @@ def test_missing_package_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(export.importlib, "import_module", fail)
     with pytest.raises(LowbitError, match=r"needs the package 'onnxruntime'.*pip install 'lowbit\[export\]'"):
         export.get_exporter("onnx")
+
+
+@pytest.mark.parametrize(
+    ("width", "hint"),
+    [(576, "groups of 64 or 32 divide it"), (1536, "groups of 256 or 128 or 64 or 32 divide it"), (100, "per-channel")],
+)
+def test_group_size_hint(width: int, hint: str) -> None:
+    assert hint in dividing_groups(width)

@@ -87,6 +87,12 @@ def kv_quantizers(model: nn.Module) -> list[tuple[str, KVQuantizer]]:
     return out
 
 
+def dividing_groups(in_features: int) -> str:
+    """The usual group sizes (powers of two from 32 to 256) that divide ``in_features``, for hints."""
+    sizes = [g for g in (256, 128, 64, 32) if in_features % g == 0]
+    return f"groups of {' or '.join(map(str, sizes))} divide it" if sizes else "use per-channel weights"
+
+
 def short_list(names: list[str], limit: int = 3) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f", ... (+{len(names) - limit} more)" if len(names) > limit else "")

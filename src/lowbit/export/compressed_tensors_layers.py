@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowbit.export.base import Problem, kv_quantizers
+from lowbit.export.base import Problem, dividing_groups, kv_quantizers
 from lowbit.formats import Format, IntFormat
 from lowbit.modules import QuantLinear
 from lowbit.packing import pack_bits
@@ -93,7 +93,7 @@ WHY = {
     "float columns": "{} input columns kept in float16 (OWQ); compressed-tensors has no float columns",
     "act-order g_idx": "GPTQ act-order regrouped the columns (g_idx), which compressed-tensors 0.20 removed "
     "(actorder 'group'): re-quantize with static_groups: true",
-    "group size": "groups of {} do not divide the {} input columns; compressed-tensors needs whole groups",
+    "group size": "groups of {} do not divide the {} input columns ({}); compressed-tensors needs whole groups",
     "group size/mx": "fp4 groups of {}: MXFP4 groups are 32 columns",
     "scale dtype": "{} scales that {} cannot hold exactly (compressed-tensors keeps scales in the model's dtype): "
     "export with --opt dtype=float32, or re-quantize with scale_dtype {}",
@@ -167,7 +167,7 @@ def _weight_problems(
     if not torch.equal(qw.g_idx, group_index(m.in_features, gs)):
         out.append(_why(name, "act-order g_idx"))
     if gs is not None and m.in_features % gs:
-        out.append(_why(name, "group size", gs, m.in_features))
+        out.append(_why(name, "group size", gs, m.in_features, dividing_groups(m.in_features)))
     if wkind == "fp4":
         out += _mx_problems(name, spec, qw.scale, dtype)
     elif wkind is not None:

@@ -58,7 +58,7 @@ from torch import nn
 from lowbit import __version__
 from lowbit.archs import decoder_blocks, get_arch
 from lowbit.errors import LowbitError
-from lowbit.export.base import Exporter, Problem, kv_spec, quantized_linears, refusal, short_list
+from lowbit.export.base import Exporter, Problem, dividing_groups, kv_spec, quantized_linears, refusal, short_list
 from lowbit.export.gptq_packing import (
     awq_pack_output_dim,
     fp16_scales,
@@ -158,7 +158,7 @@ class _PackedIntExporter(Exporter):
         if spec.granularity != "group" and not self.allow_channel:
             problems.append(Problem(name, "granularity", f"{spec.granularity}; {self.name} holds groups only"))
         if spec.granularity == "group" and inp % (spec.group_size or 1):
-            detail = f"{spec.group_size} does not divide in_features {inp}; choose a group size that divides it"
+            detail = f"{spec.group_size} does not divide in_features {inp}; {dividing_groups(inp)}"
             problems.append(Problem(name, "group size", detail))
         if qw.n_outlier_columns:
             detail = f"{qw.n_outlier_columns} input columns kept in float16 (OWQ); {self.name} has no place for them"
