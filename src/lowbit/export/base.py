@@ -10,6 +10,7 @@ when complete.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -46,7 +47,7 @@ class ExportResult:
     notes: list[str] = field(default_factory=list)  # lossy steps, layers kept in float, ...
 
 
-class Exporter:
+class Exporter(ABC):
     """One target format. Subclasses set ``name``/``description`` and implement both methods."""
 
     name: str = ""
@@ -54,13 +55,13 @@ class Exporter:
     options_help: ClassVar[Mapping[str, str]] = {}  # option -> what it does (``lowbit export --opt KEY=VALUE``)
     refusal_hint: str = ""  # the last line of a refusal: what to do instead (default: re-quantize)
 
+    @abstractmethod
     def check(self, model: nn.Module, options: Mapping[str, str]) -> list[Problem]:
         """Every reason ``model`` cannot be written (empty: it can). Must not write anything."""
-        raise NotImplementedError
 
+    @abstractmethod
     def write(self, model: nn.Module, tokenizer: Any, out: Path, options: Mapping[str, str]) -> list[str]:
         """Write the files into the (empty, temporary) directory ``out``; return notes for the user."""
-        raise NotImplementedError
 
 
 def quantized_linears(model: nn.Module) -> list[tuple[str, QuantLinear]]:

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import json
 import math
+from abc import abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,16 +99,19 @@ class _PackedIntExporter(Exporter):
     allow_g_idx = True
     names_quantized_in_blocks = True  # modules_in_block_to_quantize: one set of linears for every block
 
+    @abstractmethod
     def _layer_problems(self, name: str, qw: QuantizedWeight, options: Mapping[str, str]) -> list[Problem]:
-        raise NotImplementedError
+        """What this layout cannot hold of one layer's grid."""
 
+    @abstractmethod
     def _layer_tensors(
         self, name: str, qw: QuantizedWeight, scales: torch.Tensor, options: Mapping[str, str]
     ) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """The layout's tensors for one layer."""
 
+    @abstractmethod
     def _quant_config(self, plan: _Plan, options: Mapping[str, str]) -> dict[str, Any]:
-        raise NotImplementedError
+        """The ``quantization_config`` entry of config.json."""
 
     def check(self, model: nn.Module, options: Mapping[str, str]) -> list[Problem]:
         return self._plan(model, options).problems
