@@ -21,10 +21,10 @@ from lowbit import api, checkpoint
 from lowbit.errors import LowbitError
 from lowbit.export import export_checkpoint, export_model
 from lowbit.export.compressed_tensors import EXPORTER
-from lowbit.export.compressed_tensors_layers import pack_int32
 from lowbit.formats import IntFormat
 from lowbit.kvcache import KVQuantizer
 from lowbit.modules import QuantLinear
+from lowbit.packing import pack_int32_rows
 from lowbit.presets import get_preset
 from lowbit.scheme import Override, QuantSpec, Recipe, Scheme, Step
 
@@ -155,7 +155,7 @@ def test_fused_projections_with_different_schemes_get_a_note(tmp_path: Path) -> 
 @pytest.mark.parametrize("shape", [(3, 40), (5, 7), (2, 96)])
 def test_pack_int32_is_compressed_tensors_layout(bits: int, shape: tuple[int, int]) -> None:
     signed = torch.randint(-(2 ** (bits - 1)), 2 ** (bits - 1), shape, generator=torch.Generator().manual_seed(bits))
-    ours = pack_int32(signed + 2 ** (bits - 1), bits)
+    ours = pack_int32_rows(signed + 2 ** (bits - 1), bits)
     assert torch.equal(ours, pack_to_int32(signed.to(torch.int8), bits))
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.packing import pack_bits, packed_nbytes, unpack_bits
+from lowbit.packing import pack_bits, pack_int32_rows, packed_nbytes, unpack_bits
 
 
 def reference_pack(codes: list[int], bits: int) -> list[int]:
@@ -112,3 +112,21 @@ def test_unpack_too_short() -> None:
         unpack_bits(packed[:3], 3, 9)
     with pytest.raises(LowbitError, match="non-negative"):
         unpack_bits(packed, 3, -1)
+
+
+def test_pack_int32_rows_pads_each_row_to_whole_words() -> None:
+    codes = torch.tensor([[1, 2, 3], [15, 0, 15]])
+    words = pack_int32_rows(codes, 4)
+    assert words.dtype == torch.int32 and words.shape == (2, 1)
+    assert words[:, 0].tolist() == [0x321, 0xF0F]
+    top = pack_int32_rows(torch.full((1, 8), 15), 4)  # 0xFFFFFFFF is -1 as a two's complement int32
+    assert top.tolist() == [[-1]]
+    three = pack_int32_rows(torch.full((1, 11), 7), 3)  # 33 bits: one full word and one bit
+    assert three.tolist() == [[-1, 1]]
+
+
+def test_pack_int32_rows_rejects_out_of_range_codes() -> None:
+    with pytest.raises(LowbitError, match=r"\[0, 16\)"):
+        pack_int32_rows(torch.tensor([[16]]), 4)
+    with pytest.raises(LowbitError, match=r"\[0, 4\)"):
+        pack_int32_rows(torch.tensor([[-1]]), 2)

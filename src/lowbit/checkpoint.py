@@ -101,6 +101,25 @@ def _load_qweight(name: str, shape: list[int], spec: QuantSpec, t: dict[str, tor
     )
 
 
+def plain_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every state-dict tensor outside the QuantLinear layers and the KV quantizers, tied tensors
+    (lm_head = embed_tokens) once: what every file format stores as it is."""
+    skip = {
+        f"{name}.{k}"
+        for name, m in model.named_modules()
+        if isinstance(m, QuantLinear)
+        for k, _ in m.named_buffers(recurse=True)
+    }
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, value in model.state_dict().items():
+        if key in skip or "lowbit_kv" in key or value.data_ptr() in seen:
+            continue
+        seen.add(value.data_ptr())
+        out[key] = value
+    return out
+
+
 def save_quantized(
     model: nn.Module, tokenizer: Any, out_dir: str | Path, provenance: dict[str, Any], overwrite: bool = False
 ) -> Path:
@@ -109,11 +128,9 @@ def save_quantized(
     check_free(out, overwrite)
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, Any] = {}
-    skip: set[str] = set()
     kv_spec: dict[str, Any] | None = None
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear):
-            skip.update(f"{name}.{k}" for k, _ in module.named_buffers(recurse=True))
             entry: dict[str, Any] = {
                 "shape": [module.out_features, module.in_features],
                 "dtype": str(module.weight.dtype).removeprefix("torch."),
@@ -138,15 +155,7 @@ def save_quantized(
             kv_spec = to_dict(kvq.spec)
             for kind, (scale, zp) in kvq.qparams.items():
                 tensors[f"{name}.{kind}_scale"], tensors[f"{name}.{kind}_zero_point"] = scale, zp
-    seen: set[int] = set()
-    for key, value in model.state_dict().items():
-        if key in skip or "lowbit_kv" in key:
-            continue
-        ptr = value.data_ptr()
-        if ptr in seen:  # tied weights (lm_head = embed_tokens) are stored once
-            continue
-        seen.add(ptr)
-        tensors[key] = value
+    tensors.update(plain_tensors(model))
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     # what load_quantized needs comes from the model itself, never from the caller's provenance
     meta = {"format_version": FORMAT_VERSION, **provenance}

@@ -15,7 +15,7 @@ import torch
 
 from lowbit.errors import LowbitError
 
-__all__ = ["pack_bits", "packed_nbytes", "unpack_bits"]
+__all__ = ["pack_bits", "pack_int32_rows", "packed_nbytes", "unpack_bits"]
 
 
 def _check_bits(bits: int) -> None:
@@ -73,6 +73,26 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     for j in range(1, 8):
         out |= octets[:, j] << j
     return out
+
+
+def pack_int32_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack each row of unsigned ``codes`` (rows, n) into (rows, ceil(n*bits/32)) int32 words.
+
+    Each row is its own LSB-first stream (code ``i`` at bits ``[i*bits, (i+1)*bits)``, word ``k``
+    holding stream bits ``32k .. 32k+31``, little-endian whatever the host), padded with zero bits;
+    words are two's complement. This is the int32 layout of GPTQ, AWQ and compressed-tensors.
+    """
+    _check_bits(bits)
+    rows, n = codes.shape
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 1 << bits):
+        raise LowbitError(f"codes must lie in [0, {1 << bits}) for bits={bits}; offset signed codes first.")
+    padded = -(-n // 32) * 32  # 32 codes fill exactly `bits` words, so rows stay word-aligned
+    full = torch.zeros(rows, padded, dtype=torch.uint8)
+    full[:, :n] = codes
+    octets = pack_bits(full, bits).to(torch.int64).reshape(rows, -1, 4)
+    words = octets[..., 0] | octets[..., 1] << 8 | octets[..., 2] << 16 | octets[..., 3] << 24
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    return words[:, : -(-n * bits // 32)].contiguous()
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:

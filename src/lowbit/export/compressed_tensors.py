@@ -55,6 +55,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModelForCausalLM
 
+from lowbit.checkpoint import plain_tensors
 from lowbit.errors import LowbitError
 from lowbit.export.base import Exporter, Problem, kv_quantizers, quantized_linears
 from lowbit.export.compressed_tensors_layers import WHY, LayerPlan, kv_plan, layer_plan, linear_tensors
@@ -73,15 +74,8 @@ def _reference_keys(model: nn.Module) -> set[str]:
 
 
 def _float_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every tensor that is not a quantized layer's or the KV quantizer's, tied ones once."""
-    skip = {f"{n}.{k}" for n, m in quantized_linears(model) for k, _ in m.named_buffers()}
-    out: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for key, value in model.state_dict().items():
-        if key in skip or "lowbit_kv" in key or value.data_ptr() in seen:
-            continue
-        seen.add(value.data_ptr())
-        out[key] = value
+    """Every tensor that is not a quantized layer's or the KV quantizer's (tied ones once), and the biases."""
+    out = plain_tensors(model)
     for name, m in quantized_linears(model):
         if m.bias is not None:
             out[f"{name}.bias"] = m.bias

@@ -15,7 +15,7 @@ from torch import nn
 from lowbit.export.base import Problem, dividing_groups, kv_quantizers
 from lowbit.formats import Format, IntFormat
 from lowbit.modules import QuantLinear
-from lowbit.packing import pack_bits
+from lowbit.packing import pack_int32_rows
 from lowbit.primitives import group_index
 from lowbit.scheme import QuantSpec
 
@@ -59,19 +59,6 @@ def _args(spec: QuantSpec) -> dict[str, Any]:
 
 def _exact(t: torch.Tensor, dtype: torch.dtype) -> bool:
     return torch.equal(t.to(dtype).to(t.dtype), t)
-
-
-def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """(rows, n) unsigned codes -> (rows, ceil(n*bits/32)) int32: each row a dense LSB-first bit
-    stream (code ``i`` at bits ``[i*bits, (i+1)*bits)``), word ``k`` holding stream bits ``32k..``."""
-    rows, n = codes.shape
-    padded = -(-n // 32) * 32  # 32 codes fill exactly `bits` words, so rows stay word-aligned
-    full = torch.zeros(rows, padded, dtype=torch.uint8)
-    full[:, :n] = codes
-    octets = pack_bits(full, bits).to(torch.int64).reshape(rows, -1, 4)
-    words = octets[..., 0] | octets[..., 1] << 8 | octets[..., 2] << 16 | octets[..., 3] << 24
-    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-    return words[:, : -(-n * bits // 32)].contiguous()
 
 
 @dataclass(frozen=True)
@@ -234,10 +221,10 @@ def linear_tensors(name: str, m: QuantLinear, plan: LayerPlan, dtype: torch.dtyp
         q = qw.grid_values().to(torch.int32) - off
         zp = qw.zero_point.reshape(scale.shape).to(torch.int32) - off
         if plan.format == "pack-quantized":
-            t["weight_packed"] = pack_int32(q + half, fmt.bits)
+            t["weight_packed"] = pack_int32_rows(q + half, fmt.bits)
             t["weight_shape"] = torch.tensor([m.out_features, m.in_features], dtype=torch.int64)
             if not spec.symmetric:
-                t["weight_zero_point"] = pack_int32((zp + half).T, fmt.bits).T.contiguous()
+                t["weight_zero_point"] = pack_int32_rows((zp + half).T, fmt.bits).T.contiguous()
         else:
             t["weight"] = q.to(torch.int8)
             if not spec.symmetric:

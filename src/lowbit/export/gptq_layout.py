@@ -58,6 +58,7 @@ from torch import nn
 
 from lowbit import __version__
 from lowbit.archs import decoder_blocks, get_arch
+from lowbit.checkpoint import plain_tensors
 from lowbit.errors import LowbitError
 from lowbit.export.base import Exporter, Problem, dividing_groups, kv_spec, quantized_linears, refusal, short_list
 from lowbit.export.gptq_packing import (
@@ -215,12 +216,10 @@ class _PackedIntExporter(Exporter):
         plan = self._plan(model, options)
         if plan.problems:
             raise refusal(self.name, plan.problems)
-        tensors: dict[str, torch.Tensor] = {}
-        skip: set[str] = set()
+        tensors = plain_tensors(model)
         converted: list[tuple[str, float]] = []
         for name, module in model.named_modules():
             if isinstance(module, QuantLinear):
-                skip.update(f"{name}.{k}" for k, _ in module.named_buffers(recurse=True))
                 if module.qweight is None:
                     tensors[f"{name}.weight"] = module.weight
                 if module.bias is not None:
@@ -230,12 +229,6 @@ class _PackedIntExporter(Exporter):
             if qw.scale.dtype != torch.float16:
                 converted.append((name, rel))
             tensors.update(self._layer_tensors(name, qw, scales.t().contiguous(), options))
-        seen: set[int] = set()
-        for key, value in model.state_dict().items():
-            if key in skip or "lowbit_kv" in key or value.data_ptr() in seen:
-                continue  # tied weights (lm_head = embed_tokens) are stored once
-            seen.add(value.data_ptr())
-            tensors[key] = value
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         config = json.loads(model.config.to_json_string())  # type: ignore[union-attr, operator]
         config["quantization_config"] = self._quant_config(plan, options)

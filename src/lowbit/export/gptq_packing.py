@@ -16,29 +16,20 @@ from __future__ import annotations
 import torch
 
 from lowbit.formats import IntFormat
-from lowbit.packing import pack_bits
+from lowbit.packing import pack_int32_rows
 from lowbit.primitives import group_index
 from lowbit.qweight import QuantizedWeight
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 
 
-def _words(octets: torch.Tensor) -> torch.Tensor:
-    """(R, 4n) uint8 little-endian bytes -> (R, n) int32 words (two's complement), any host byte order."""
-    b = octets.to(torch.int64).reshape(octets.shape[0], -1, 4)
-    u = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) | (b[..., 3] << 24)
-    return torch.where(u >= 2**31, u - 2**32, u).to(torch.int32)
-
-
 def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack each row of ``codes`` (R, n), values in ``[0, 2**bits)``, into (R, n*bits/32) int32 words.
 
-    ``n * bits`` must be a multiple of 32.
+    ``n * bits`` must be a multiple of 32 (the layouts' loaders read whole words per row).
     """
-    rows, n = codes.shape
-    assert (n * bits) % 32 == 0, (n, bits)
-    packed = pack_bits(codes.contiguous(), bits).reshape(rows, n * bits // 8)
-    return _words(packed)
+    assert (codes.shape[1] * bits) % 32 == 0, (codes.shape, bits)
+    return pack_int32_rows(codes, bits)
 
 
 def gptq_pack_input_dim(codes: torch.Tensor, bits: int) -> torch.Tensor:

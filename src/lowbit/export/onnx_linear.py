@@ -44,6 +44,7 @@ from lowbit.export.base import Problem
 from lowbit.export.onnx_builder import MS_DOMAIN, GraphBuilder
 from lowbit.formats import IntFormat
 from lowbit.modules import ActQuantizer, QuantLinear
+from lowbit.packing import pack_bits as stream_pack
 from lowbit.primitives import symmetric_zero_point
 from lowbit.qweight import QuantizedWeight
 
@@ -70,13 +71,12 @@ def nbits_block(g_idx: np.ndarray) -> int | None:
 
 
 def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
-    """(rows, n) integers in [0, 2**bits) -> (rows, n * bits / 8) uint8, first value in the low bits."""
-    per = 8 // bits
-    v = values.astype(np.uint8).reshape(values.shape[0], -1, per)
-    out = np.zeros(v.shape[:2], np.uint8)
-    for i in range(per):
-        out |= v[..., i] << np.uint8(bits * i)
-    return out
+    """(rows, n) integers in [0, 2**bits) -> (rows, n * bits / 8) uint8, first value in the low bits
+    (lowbit's LSB-first stream, :func:`lowbit.packing.pack_bits`, with every row whole bytes)."""
+    rows, n = values.shape
+    assert (n * bits) % 8 == 0, (n, bits)
+    ints = torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64))  # grid values may arrive as floats
+    return stream_pack(ints, bits).reshape(rows, -1).numpy()
 
 
 def _uses_qdq_weight(m: QuantLinear) -> bool:
