@@ -24,6 +24,7 @@ and the report names them with the reason.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import torch
@@ -50,12 +51,38 @@ def kernels_available() -> bool:
     return all(hasattr(torch.ops.aten, op) for op in _OPS)
 
 
-class _OutlierColumns(nn.Module):
-    """OWQ's float columns: their inputs are zeroed before the kernel (whose codes there are
-    unused) and go through a small float matmul instead."""
+class _KernelLinear(nn.Module, ABC):
+    """What both kernel layers share: the cast to the kernel's dtype, OWQ's float columns (their
+    inputs are zeroed before the kernel, whose codes there are unused, and go through a small float
+    matmul instead), the bias and the cast back. Subclasses supply ``_matmul`` on a 2-D input.
 
+    Lean on purpose: this runs once per layer and token, where a few microseconds add up."""
+
+    in_features: int
+    out_features: int
+    run_dtype: torch.dtype
     outlier_idx: torch.Tensor | None
     outlier_weight: torch.Tensor | None
+    bias: torch.Tensor | None
+
+    @abstractmethod
+    def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        """(rows, in_features) in ``run_dtype`` -> (rows, out_features) through the kernel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        if x2.dtype != self.run_dtype:
+            x2 = x2.to(self.run_dtype)
+        extra = None
+        if self.outlier_idx is not None:
+            x2, extra = self._split(x2)
+        y = self._matmul(x2)
+        if extra is not None:
+            y = y + extra
+        if self.bias is not None:
+            y = y + self.bias
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def _set_outliers(self, qw: QuantizedWeight, dtype: torch.dtype) -> None:
         keep = qw.outlier_idx is not None and qw.outlier_weight is not None and qw.n_outlier_columns > 0
@@ -69,7 +96,7 @@ class _OutlierColumns(nn.Module):
         return x.index_fill(1, self.outlier_idx, 0.0), extra
 
 
-class Int4Linear(_OutlierColumns):
+class Int4Linear(_KernelLinear):
     """A linear layer whose weight is 4-bit codes packed for ``_weight_int4pack_mm_for_cpu``.
 
     Weight ``w[n, k] = (code[n, k] - 8) * scale[k // group, n] + offset[k // group, n]`` over the
@@ -104,36 +131,22 @@ class Int4Linear(_OutlierColumns):
         self.register_buffer("perm", perm)
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype).clone())
         self._set_outliers(qw, dtype)
+        self.run_dtype = dtype
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # lean: this runs once per layer and token, where a few microseconds add up
-        sz = self.scales_zeros
-        x2 = x.reshape(-1, self.in_features)
-        if x2.dtype != sz.dtype:
-            x2 = x2.to(sz.dtype)
-        extra = None
-        if self.outlier_idx is not None:
-            x2, extra = self._split(x2)
+    def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
         if self.perm is not None:
             x2 = x2.index_select(1, self.perm)
         if self.k_pad:
             x2 = F.pad(x2, (0, self.k_pad))
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.packed, self.group, sz)
-        if self.n_pad:
-            y = y[:, : self.out_features]
-        if extra is not None:
-            y = y + extra
-        if self.bias is not None:
-            y = y + self.bias
-        y = y.reshape(*x.shape[:-1], self.out_features)
-        return y if y.dtype == x.dtype else y.to(x.dtype)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.packed, self.group, self.scales_zeros)
+        return y[:, : self.out_features] if self.n_pad else y
 
     def extra_repr(self) -> str:
         perm = ", act-order" if self.perm is not None else ""
         return f"in={self.in_features}, out={self.out_features}, int4 kernel group={self.group}{perm}"
 
 
-class Int8Linear(_OutlierColumns):
+class Int8Linear(_KernelLinear):
     """A linear layer whose weight is int8 codes with one scale per output channel, for
     ``_weight_int8pack_mm``: ``w[n, k] = code[n, k] * scale[n]``."""
 
@@ -155,22 +168,10 @@ class Int8Linear(_OutlierColumns):
         self.register_buffer("scale", scale.to(dtype).contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype).clone())
         self._set_outliers(qw, dtype)
+        self.run_dtype = dtype
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = self.scale
-        x2 = x.reshape(-1, self.in_features)
-        if x2.dtype != scale.dtype:
-            x2 = x2.to(scale.dtype)
-        extra = None
-        if self.outlier_idx is not None:
-            x2, extra = self._split(x2)
-        y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight, scale)
-        if extra is not None:
-            y = y + extra
-        if self.bias is not None:
-            y = y + self.bias
-        y = y.reshape(*x.shape[:-1], self.out_features)
-        return y if y.dtype == x.dtype else y.to(x.dtype)
+    def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight, self.scale)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, int8 kernel per channel"
