@@ -24,6 +24,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
+import lowbit
 import lowbit.models
 from lowbit import api
 from lowbit.cli import build_parser, default_out_dir, main
@@ -110,14 +111,40 @@ def _assert_usage_error(rc: int, err: str, *fragments: str) -> None:
 # --- presets, help, defaults -----------------------------------------------------------------------
 
 
-def test_presets_one_line_each(capsys: pytest.CaptureFixture[str]) -> None:
+def test_presets_table_with_header(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["presets"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split()[0] for line in lines] == list(PRESETS)
+    assert lines[0].split() == ["preset", "scheme", "steps", "description"]
+    assert [line.split()[0] for line in lines[1:]] == list(PRESETS)
+    # aligned: every column starts at the same place on every line
+    starts = {line.index(PRESETS[line.split()[0]].description) for line in lines[1:]}
+    assert starts == {lines[0].index("description")}
     assert DEFAULT_PRESET == "w4a16"
     (w4a16,) = [line for line in lines if line.split()[0] == "w4a16"]
-    assert PRESETS["w4a16"].scheme.describe() in w4a16 and PRESETS["w4a16"].description in w4a16
-    assert "gptq" in w4a16
+    assert PRESETS["w4a16"].scheme.describe() in w4a16 and "gptq" in w4a16
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_presets_name_prints_a_recipe_that_loads_back(
+    name: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    assert main(["presets", name]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"# {name}: {PRESETS[name].description}")
+    (tmp_path / "r.yaml").write_text(text)
+    assert api.resolve_recipe(str(tmp_path / "r.yaml")) == api.resolve_recipe(name)
+
+
+def test_presets_unknown_name(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["presets", "w5a5"]) == 2
+    assert "unknown preset 'w5a5'" in capsys.readouterr().err
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"lowbit {lowbit.__version__}"
 
 
 QUANTIZE_OPTIONS = [
@@ -326,8 +353,9 @@ def test_recipe_file(setup: Setup, tmp_path: Path, capsys: pytest.CaptureFixture
     # --recipe overrides --preset
     assert main([*argv, "--preset", "w8a16", "--out", str(out), "--no-eval", "--quiet", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)["summary"]
-    assert summary["bits_per_weight"] == 5.0  # int4 + a float32 scale per 32 weights (w4a16's g128: 4.25)
-    assert summary["scheme"] == "W: int4 g32 sym"
+    # merged into w4a16's weight spec: int4 + its fp16 scale per 32 weights (w4a16's g128: 4.125)
+    assert summary["bits_per_weight"] == 4.5
+    assert summary["scheme"] == "W: int4 g32 sym mse fp16-scale" and summary["recipe"] == "w4a16-g32"
     weights = json.loads((out / "lowbit.json").read_text())["scheme"]["weights"]
     assert (weights["format"], weights["granularity"], weights["group_size"]) == ("int4", "group", 32)
 
@@ -480,3 +508,14 @@ def test_method_and_layers(setup: Setup, tmp_path: Path, capsys: pytest.CaptureF
     assert main([*argv, "--method", "gpqt", "--no-eval", "--quiet", "--out", str(tmp_path / "x")]) == 2
     _assert_usage_error(2, capsys.readouterr().err, "did you mean 'gptq'")
     assert not (tmp_path / "x").exists()
+
+
+def test_group_size_on_any_preset(setup: Setup, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["quantize", str(setup.model), "--preset", "w8a16", "--method", "rtn", "--group-size", "32"]
+    argv += ["--calib", str(setup.text), *CALIB_ARGS, "--no-eval", "--quiet", "--json", "--threads", "1"]
+    assert main([*argv, "--out", str(tmp_path / "o")]) == 0
+    summary = json.loads(capsys.readouterr().out)["summary"]
+    assert summary["recipe"] == "w8a16-rtn-g32" and "int8 g32" in summary["scheme"]
+    assert summary["threads"] == 1
+    recipe = json.loads((tmp_path / "o" / "lowbit.json").read_text())["recipe"]
+    assert recipe["name"] == "w8a16-rtn-g32" and recipe["scheme"]["weights"]["group_size"] == 32

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from lowbit.scheme import (
     scheme_from_dict,
     spec_from_dict,
     to_dict,
+    with_group_size,
 )
 
 W4 = QuantSpec("int4", "group", 128)
@@ -111,7 +113,10 @@ def test_preset_with_replaced_parts() -> None:
     assert r.scheme == get_preset("w4a16").scheme
     assert r.steps == (Step("gptq", {"damp": 0.01}),) and r.name == "x"
     r2 = recipe_from_dict({"preset": "w4a16", "scheme": {"weights": {"format": "int8", "granularity": "channel"}}})
-    assert r2.scheme.weights == W8 and r2.name == "custom"  # a changed preset is no longer that preset
+    base = get_preset("w4a16").scheme.weights
+    assert base is not None  # the preset's other weight fields stay: fp16 scales, MSE ranges
+    assert r2.scheme.weights == dataclasses.replace(base, format="int8", granularity="channel", group_size=None)
+    assert r2.name == "w4a16-custom"  # a changed preset says so
     assert recipe_from_dict({"scheme": {}}).steps == (Step("rtn"),)
     assert recipe_from_dict({"scheme": {}, "steps": ["rtn", {"gptq": None}]}).steps == (
         Step("rtn"), Step("gptq"),
@@ -361,3 +366,33 @@ def test_activation_presets_smooth_before_gptq() -> None:
     assert [s.name for s in get_preset("w4a16-awq").steps] == ["awq", "rtn"]
     llm_int8 = get_preset("llm-int8").scheme.input_activations
     assert llm_int8 is not None and llm_int8.outlier_threshold == 6.0
+
+
+def test_recipe_fields_merge_into_the_preset_field_by_field() -> None:
+    r = recipe_from_dict({"preset": "w4a16", "scheme": {"weights": {"group_size": 64}}})
+    base = get_preset("w4a16")
+    assert base.scheme.weights is not None
+    assert r.scheme.weights == dataclasses.replace(base.scheme.weights, group_size=64)
+    assert r.steps == base.steps and r.name == "w4a16-g64"
+    # null removes a spec; lists are replaced, not merged
+    r = recipe_from_dict({"preset": "w8a8", "scheme": {"input_activations": None, "ignore": ["lm_head", "down_proj"]}})
+    assert r.scheme.input_activations is None and r.scheme.ignore == ("lm_head", "down_proj")
+    assert r.scheme.weights == get_preset("w8a8").scheme.weights and r.name == "w8a8-custom"
+    assert recipe_from_dict({"preset": "w4a16", "steps": ["rtn"]}).name == "w4a16-rtn"
+    assert recipe_from_dict({"preset": "w4a16", "scheme": {"weights": {"group_size": 128}}}).name == "w4a16"
+
+
+def test_with_group_size() -> None:
+    r = with_group_size(get_preset("w4a16"), 64)
+    assert r.name == "w4a16-g64" and r.scheme.weights is not None and r.scheme.weights.group_size == 64
+    ch = with_group_size(get_preset("w8a16"), 32)  # per-channel weights become grouped
+    assert ch.scheme.weights is not None and (ch.scheme.weights.granularity, ch.scheme.weights.group_size) == (
+        "group",
+        32,
+    )
+    assert ch.name == "w8a16-g32"
+    assert with_group_size(get_preset("w4a16"), 128) == get_preset("w4a16")
+    with pytest.raises(LowbitError, match="quantizes no weights"):
+        with_group_size(get_preset("kv8"), 64)
+    with pytest.raises(LowbitError, match="positive integer"):
+        with_group_size(get_preset("w4a16"), True)

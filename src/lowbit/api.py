@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowbit import defaults
 from lowbit.checkpoint import is_quantized_dir, load_quantized
 from lowbit.checkpoint import save_quantized as _save
 from lowbit.data import calibration_samples, eval_windows, load_texts
@@ -81,7 +82,7 @@ def quantize(
     model: nn.Module,
     recipe: str | Path | Recipe,
     calib: torch.Tensor,
-    batch_size: int = 8,
+    batch_size: int = defaults.BATCH_SIZE,
     progress: bool = True,
 ) -> RunReport:
     """Quantize ``model`` in place; ``calib`` is (n, T) token ids from ``calibration_samples``."""

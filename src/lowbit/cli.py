@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lowbit import __version__, defaults
 from lowbit.errors import LowbitError
 
 EPILOG = """examples:
@@ -53,9 +54,30 @@ def _positive_int(text: str) -> int:
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--eval-windows", type=_positive_int, default=16, help="evaluation windows (default 16)")
-    p.add_argument("--eval-seq-len", type=_positive_int, default=512, help="tokens per evaluation window (default 512)")
-    p.add_argument("--batch-size", type=_positive_int, default=4, help="sequences per forward pass (default 4)")
+    p.add_argument(
+        "--eval-windows",
+        type=_positive_int,
+        default=defaults.EVAL_WINDOWS,
+        help=f"evaluation windows (default {defaults.EVAL_WINDOWS})",
+    )
+    p.add_argument(
+        "--eval-seq-len",
+        type=_positive_int,
+        default=defaults.EVAL_SEQ_LEN,
+        help=f"tokens per evaluation window (default {defaults.EVAL_SEQ_LEN})",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=defaults.BATCH_SIZE,
+        help=f"sequences per forward pass (default {defaults.BATCH_SIZE})",
+    )
+    p.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="CPU threads (default: all cores); results are deterministic for a given thread count",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -67,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"lowbit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     q = sub.add_parser(
@@ -89,9 +112,27 @@ def build_parser() -> argparse.ArgumentParser:
         default="demo",
         help="calibration text: .txt/.jsonl file, directory of .txt, datasets name (path[:config][@split]) or 'demo'",
     )
-    q.add_argument("--samples", type=_positive_int, default=16, help="calibration samples (default 16)")
-    q.add_argument("--seq-len", type=_positive_int, default=512, help="tokens per calibration sample (default 512)")
-    q.add_argument("--seed", type=int, default=0, help="seed for drawing calibration samples (default 0)")
+    q.add_argument(
+        "--group-size",
+        type=_positive_int,
+        default=None,
+        help="weights in groups of this many input columns, on any preset or recipe (named e.g. w4a16-g64)",
+    )
+    q.add_argument(
+        "--samples",
+        type=_positive_int,
+        default=defaults.CALIB_SAMPLES,
+        help=f"calibration samples (default {defaults.CALIB_SAMPLES})",
+    )
+    q.add_argument(
+        "--seq-len",
+        type=_positive_int,
+        default=defaults.CALIB_SEQ_LEN,
+        help=f"tokens per calibration sample (default {defaults.CALIB_SEQ_LEN})",
+    )
+    q.add_argument(
+        "--seed", type=int, default=defaults.SEED, help=f"seed of the calibration draw (default {defaults.SEED})"
+    )
     q.add_argument("--out", default=None, help="output directory (default lowbit-out/<model>-<preset>)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     q.add_argument("--no-eval", action="store_true", help="skip the evaluation against the original")
@@ -134,7 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--quiet", action="store_true", help="no progress bars")
 
     _add_run_parsers(sub)
-    sub.add_parser("presets", help="list the presets", description="List the presets, one per line.")
+    ps = sub.add_parser(
+        "presets",
+        help="list the presets, or print one as a recipe",
+        description="Without NAME: a table of the presets (name, scheme, steps, description). With NAME: that "
+        "preset's full recipe as YAML, ready to edit and pass to `lowbit quantize --recipe`.",
+    )
+    ps.add_argument("name", nargs="?", default=None, help="a preset to print as a recipe")
     return parser
 
 
@@ -199,8 +246,12 @@ def main(argv: list[str] | None = None) -> int:
         restore_bars = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()
     try:
+        if getattr(args, "threads", None):
+            import torch
+
+            torch.set_num_threads(args.threads)
         if args.command == "presets":
-            return _presets()
+            return _presets(args.name)
         if args.command == "quantize":
             return _quantize(args)
         if args.command == "export":
@@ -293,16 +344,27 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _presets() -> int:
-    from lowbit.presets import PRESETS
+def _presets(name: str | None) -> int:
+    from lowbit.presets import PRESETS, get_preset
 
-    width = max(map(len, PRESETS))
-    schemes = {name: p.scheme.describe() for name, p in PRESETS.items()}
-    steps = {name: "+".join(s.name for s in p.steps) for name, p in PRESETS.items()}
-    scheme_width = max(map(len, schemes.values()))
-    steps_width = max(map(len, steps.values()))
-    for name, p in PRESETS.items():
-        print(f"{name:<{width}}  {schemes[name]:<{scheme_width}}  {steps[name]:<{steps_width}}  {p.description}")
+    if name is not None:
+        import yaml
+
+        recipe = get_preset(name)
+        print(f"# {name}: {PRESETS[name].description}")
+        print(yaml.safe_dump(recipe.to_dict(), sort_keys=False, default_flow_style=None, width=100), end="")
+        return 0
+    rows = [(n, p.scheme.describe(), "+".join(s.name for s in p.steps), p.description) for n, p in PRESETS.items()]
+    header = ("preset", "scheme", "steps", "description")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
+    room = None
+    if sys.stdout.isatty():  # one line per preset on a terminal; the full text with `lowbit presets NAME`
+        import shutil
+
+        room = max(20, shutil.get_terminal_size().columns - sum(widths) - 6)
+    for cells in [header, *rows]:
+        text = cells[3] if room is None or len(cells[3]) <= room else cells[3][: room - 3] + "..."
+        print("  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=False)) + "  " + text)
     return 0
 
 
@@ -336,14 +398,19 @@ def default_out_dir(model: str, recipe_name: str) -> Path:
 
 
 def _quantize(args: argparse.Namespace) -> int:
+    import torch
+
     from lowbit import api
     from lowbit.checkpoint import WEIGHTS_FILE
     from lowbit.presets import DEFAULT_PRESET
+    from lowbit.scheme import with_group_size
 
     started = time.perf_counter()
     recipe = api.resolve_recipe(args.recipe or args.preset or DEFAULT_PRESET)
     if args.method:
         recipe = api.with_method(recipe, args.method)
+    if args.group_size:
+        recipe = with_group_size(recipe, args.group_size)
     out = Path(args.out) if args.out else default_out_dir(args.model, recipe.name)
     # the default location holds lowbit's own earlier result for the same model and recipe, so a
     # rerun replaces it (atomically); an explicit --out is only replaced with --overwrite
@@ -364,6 +431,7 @@ def _quantize(args: argparse.Namespace) -> int:
         "scheme": recipe.scheme.describe(),
         "out": str(out),
         "calibration": f"{calib.shape[0]} x {calib.shape[1]} tokens from {args.calib!r} (seed {args.seed})",
+        "threads": torch.get_num_threads(),
         "bits_per_weight": api.bits_per_weight(model),
         "file_mb": size / 2**20,
         "quantize_seconds": report.seconds,

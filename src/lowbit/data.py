@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from lowbit import defaults
 from lowbit.cache import fetch_demo_text
 from lowbit.errors import LowbitError
 
@@ -200,7 +201,11 @@ def _stream(tokenizer: PreTrainedTokenizerBase, source: str, split: str, need: i
 
 
 def calibration_samples(
-    tokenizer: PreTrainedTokenizerBase, source: str, n_samples: int = 64, seq_len: int = 512, seed: int = 0
+    tokenizer: PreTrainedTokenizerBase,
+    source: str,
+    n_samples: int = defaults.CALIB_SAMPLES,
+    seq_len: int = defaults.CALIB_SEQ_LEN,
+    seed: int = defaults.SEED,
 ) -> torch.Tensor:
     """``n_samples`` random windows of ``seq_len`` tokens from the calib split of ``source``.
 
@@ -219,7 +224,10 @@ def calibration_samples(
 
 
 def eval_windows(
-    tokenizer: PreTrainedTokenizerBase, source: str, seq_len: int = 512, n_windows: int | None = 40
+    tokenizer: PreTrainedTokenizerBase,
+    source: str,
+    seq_len: int = defaults.EVAL_SEQ_LEN,
+    n_windows: int | None = defaults.EVAL_WINDOWS,
 ) -> torch.Tensor:
     """Non-overlapping ``seq_len`` windows spread evenly over the eval split of ``source``.
 

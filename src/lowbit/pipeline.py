@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowbit import defaults
 from lowbit.algorithms import Algorithm, BlockContext, build_algorithm
 from lowbit.archs import Arch, decoder_blocks, get_arch
 from lowbit.errors import LowbitError
@@ -120,7 +121,11 @@ def _targets(block: nn.Module, prefix: str, recipe: Recipe) -> tuple[dict[str, n
 
 
 def quantize_model(
-    model: nn.Module, recipe: Recipe, calib: torch.Tensor, batch_size: int = 8, progress: bool = True
+    model: nn.Module,
+    recipe: Recipe,
+    calib: torch.Tensor,
+    batch_size: int = defaults.BATCH_SIZE,
+    progress: bool = True,
 ) -> RunReport:
     """Quantize ``model`` in place with ``recipe`` on calibration token ids ``calib`` (n, T)."""
     start = time.perf_counter()
@@ -141,28 +146,39 @@ def quantize_model(
     hidden, block_kwargs = capture_calibration_inputs(model, blocks, calib, batch_size)
     layers: list[LayerReport] = []
     block_errors: list[float] = []
-    bar = tqdm(range(len(blocks)), desc=f"quantize {recipe.name}", unit="block", disable=not progress)
-    for i in bar:
-        inputs = list(zip(hidden, block_kwargs[i], strict=True))
-        hidden, err = _quantize_block(
-            blocks[i], i, f"{arch.blocks}.{i}", arch, recipe, inputs, algorithms, kv_quants, layers
-        )
-        block_errors.append(err)
-        bar.set_postfix(_postfix(err, [r for r in layers if r.name.startswith(f"{arch.blocks}.{i}.")]))
+    # the bar keeps its count, rate and time left readable; the last block's numbers go to a
+    # status line below it (every layer's: --layers, or the run report)
+    bar = tqdm(total=len(blocks), desc=f"quantize {recipe.name}", unit="block", disable=not progress)
+    status = tqdm(total=0, bar_format="  {desc}", position=1, leave=False, disable=not progress)
+    try:
+        for i in range(len(blocks)):
+            inputs = list(zip(hidden, block_kwargs[i], strict=True))
+            hidden, err = _quantize_block(
+                blocks[i], i, f"{arch.blocks}.{i}", arch, recipe, inputs, algorithms, kv_quants, layers
+            )
+            block_errors.append(err)
+            block_layers = [r for r in layers if r.name.startswith(f"{arch.blocks}.{i}.")]
+            status.set_description_str(f"block {i}: " + _status(err, block_layers))
+            bar.update(1)
+    finally:
+        status.close()
+        bar.close()
     return RunReport(recipe, layers, block_errors, time.perf_counter() - start, calib.shape[0], calib.shape[1])
 
 
-def _postfix(block_err: float, layers: list[LayerReport]) -> dict[str, str]:
-    """Progress bar fields: the block's error, each layer's, and what the algorithm reported
-    (GPTQ's loss summed over the block, the largest damping used, the solve time)."""
-    fields = {"block_err": f"{block_err:.2e}"}
-    fields.update({r.name.rsplit(".", 1)[-1][:6]: f"{r.rel_error:.1e}" for r in layers})
+def _status(block_err: float, layers: list[LayerReport]) -> str:
+    """The status line under the bar: the block's error, its worst layer, and what the algorithm
+    reported (GPTQ's loss summed over the block, the largest damping used, the solve time)."""
+    parts = [f"error {block_err:.2e}"]
+    if layers:
+        worst = max(layers, key=lambda r: r.rel_error)
+        parts.append(f"worst {worst.name.rsplit('.', 1)[-1]} {worst.rel_error:.1e}")
     losses = [r.extra["gptq_loss"] for r in layers if "gptq_loss" in r.extra]
     if losses:
-        fields["loss"] = f"{sum(losses):.3g}"
-        fields["damp"] = f"{max(r.extra['damp'] for r in layers if 'damp' in r.extra):g}"
-        fields["solve_s"] = f"{sum(r.extra.get('seconds', 0.0) for r in layers):.1f}"
-    return fields
+        parts.append(f"GPTQ loss {sum(losses):.3g}")
+        parts.append(f"damp {max(r.extra['damp'] for r in layers if 'damp' in r.extra):g}")
+        parts.append(f"solve {sum(r.extra.get('seconds', 0.0) for r in layers):.1f} s")
+    return ", ".join(parts)
 
 
 def _observe_input(observer: Observer) -> Callable[..., None]:

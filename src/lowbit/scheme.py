@@ -326,7 +326,11 @@ def recipe_from_dict(data: Mapping[str, Any], where: str = "recipe", default_nam
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise LowbitError(f"{where}: unknown field {key!r}{hint}; valid fields: {', '.join(allowed)}")
     base = get_preset(str(data["preset"])) if "preset" in data else None
-    if "scheme" in data:
+    if "scheme" in data and base is not None:  # the preset's scheme, changed field by field
+        scheme = scheme_from_dict(
+            merge_scheme(to_dict(base.scheme), data["scheme"], f"{where}.scheme"), f"{where}.scheme"
+        )
+    elif "scheme" in data:
         scheme = scheme_from_dict(data["scheme"], f"{where}.scheme")
     elif base:
         scheme = base.scheme
@@ -337,10 +341,69 @@ def recipe_from_dict(data: Mapping[str, Any], where: str = "recipe", default_nam
         if "steps" in data
         else (base.steps if base else (Step("rtn"),))
     )
-    # a preset's name only while its scheme and steps are kept; a changed recipe is the user's own
-    unchanged = base is not None and "scheme" not in data and "steps" not in data
-    name = data.get("name") or (base.name if base is not None and unchanged else default_name)
-    return Recipe(scheme=scheme, steps=steps, name=str(name))
+    # a preset's name only while its scheme and steps are kept; a changed preset says how it changed
+    recipe = Recipe(scheme=scheme, steps=steps, name=base.name if base is not None else default_name)
+    if data.get("name"):
+        return dataclasses.replace(recipe, name=str(data["name"]))
+    return dataclasses.replace(recipe, name=derived_name(base, recipe)) if base is not None else recipe
+
+
+_SPEC_KEYS = ("weights", "input_activations", "kv_cache")
+
+
+def merge_scheme(base: dict[str, Any], changes: Any, where: str) -> dict[str, Any]:
+    """``base`` (a scheme's plain data) with ``changes`` applied: the specs (weights, input
+    activations, KV cache) field by field, so ``weights: {group_size: 64}`` keeps the rest of the
+    preset's weight spec; ``null`` removes a spec; targets, ignore and overrides are replaced."""
+    _check_fields(changes, Scheme, where)
+    merged = dict(base)
+    for key, value in changes.items():
+        if key in _SPEC_KEYS and isinstance(value, Mapping) and isinstance(base.get(key), Mapping):
+            merged[key] = {**base[key], **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+def derived_name(base: Recipe, recipe: Recipe) -> str:
+    """The name of ``base`` changed into ``recipe``: ``w4a16-g64`` for a new group size,
+    ``w4a16-rtn`` for another quantizer, ``w4a16-custom`` for any other change."""
+    if recipe.scheme == base.scheme and recipe.steps == base.steps:
+        return base.name
+    parts = [base.name]
+    rest = base.scheme
+    w, bw = recipe.scheme.weights, base.scheme.weights
+    if w is not None and bw is not None and w.granularity == "group" and w.group_size != bw.group_size:
+        parts.append(f"g{w.group_size}")
+        rest = _regrouped(base.scheme, w.group_size or 0)
+    if recipe.steps != base.steps:
+        parts.append("+".join(s.name for s in recipe.steps if s not in base.steps) or "steps")
+    if recipe.scheme != rest:
+        parts.append("custom")
+    return "-".join(parts)
+
+
+def _regrouped(scheme: Scheme, group_size: int) -> Scheme:
+    """``scheme`` with its weights and its overrides' weights in groups of ``group_size``."""
+
+    def regroup(spec: QuantSpec | None) -> QuantSpec | None:
+        if spec is None or spec.granularity == "tensor":
+            return spec
+        return dataclasses.replace(spec, granularity="group", group_size=group_size)
+
+    overrides = tuple(dataclasses.replace(o, weights=regroup(o.weights)) for o in scheme.overrides)
+    return dataclasses.replace(scheme, weights=regroup(scheme.weights), overrides=overrides)
+
+
+def with_group_size(recipe: Recipe, group_size: int) -> Recipe:
+    """``recipe`` with its weights (and every override's weights) in groups of ``group_size``
+    input columns, named as changed (``w4a16-g64``); per-channel weights become grouped."""
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise LowbitError(f"group size must be a positive integer, got {group_size!r}")
+    if recipe.scheme.weights is None:
+        raise LowbitError(f"recipe {recipe.name!r} quantizes no weights, so a group size does not apply")
+    changed = dataclasses.replace(recipe, scheme=_regrouped(recipe.scheme, group_size))
+    return dataclasses.replace(changed, name=derived_name(recipe, changed))
 
 
 def load_recipe(path: str | Path) -> Recipe:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from lowbit import defaults
 from lowbit.errors import LowbitError
 
 __all__ = ["EvalResult", "evaluate", "kl_per_token", "token_nll", "top1_match"]
@@ -146,7 +147,7 @@ def evaluate(
     model: torch.nn.Module,
     windows: torch.Tensor,
     baseline: torch.nn.Module | None = None,
-    batch_size: int = 4,
+    batch_size: int = defaults.BATCH_SIZE,
     progress: bool = True,
     desc: str = "eval",
 ) -> EvalResult:
@@ -180,7 +181,8 @@ def evaluate(
     agree = 0
     start = time.perf_counter()
     with torch.inference_mode():
-        for i in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, unit="batch"):
+        bar = tqdm(total=n, desc=desc, disable=not progress, unit="window")
+        for i in range(0, n, batch_size):
             batch = ids[i : i + batch_size]
             logits = _logits(model, batch)
             base = None if baseline is None else _logits(baseline, batch)
@@ -193,6 +195,8 @@ def evaluate(
                     kl_sum += kl_per_token(base[r : r + 1], row).double().sum().item()
                     agree += int(top1_match(base[r : r + 1], row).sum().item())
             del logits, base
+            bar.update(batch.shape[0])
+        bar.close()
     seconds = time.perf_counter() - start
 
     n_tokens = n * (seq_len - 1)
