@@ -519,3 +519,22 @@ def test_group_size_on_any_preset(setup: Setup, tmp_path: Path, capsys: pytest.C
     assert summary["threads"] == 1
     recipe = json.loads((tmp_path / "o" / "lowbit.json").read_text())["recipe"]
     assert recipe["name"] == "w8a16-rtn-g32" and recipe["scheme"]["weights"]["group_size"] == 32
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["run", "OUT", "--prompt", "w1 w2 w3", "--max-new-tokens", "3", "--raw", "--quiet"],
+        ["bench", "OUT", "--batch", "1", "--prompt-len", "8", "--new-tokens", "2", "--paths", "fp32,lowbit,kernels"],
+    ],
+    ids=["run", "bench"],
+)
+def test_run_and_bench_raise_no_deprecation_warnings(setup: Setup, argv: list[str]) -> None:
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rc, _, err = _run([str(setup.out) if a == "OUT" else a for a in argv])
+    assert rc == 0, err
+    deprecations = [w for w in caught if issubclass(w.category, DeprecationWarning | FutureWarning)]
+    assert not deprecations, [str(w.message) for w in deprecations]

@@ -8,6 +8,7 @@ token with the cache. Torch models compute the logits of the last position only
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,9 +41,13 @@ class Timing:
 
 
 def torch_step(model: nn.Module) -> Step:
+    # transformers renamed the KV cache argument and output from ``past_key_values`` to ``cache``
+    # (5.24); use the name this model's forward takes, so neither version warns
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
     def step(ids: torch.Tensor, past: Any) -> tuple[torch.Tensor, Any]:
-        out = model(input_ids=ids, past_key_values=past, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1], out.past_key_values
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{key: past})
+        return out.logits[:, -1], getattr(out, key)
 
     return step
 
