@@ -14,12 +14,14 @@ from lowbit import __version__, defaults
 from lowbit.errors import LowbitError
 
 EPILOG = """examples:
-  lowbit quantize                                   # demo: SmolLM2-135M, w4a16, Shakespeare
+  lowbit quantize                        # the demo: SmolLM2-135M, w4a16 in groups of 64, Shakespeare
+  lowbit eval lowbit-out/demo-w4a16-g64 --baseline demo --json
+  lowbit run lowbit-out/demo-w4a16-g64 --prompt "Write a sonnet about rain"
+  lowbit quantize --preset w3a16 --group-size 64 --method rtn --layers   # RTN instead of GPTQ, per-layer errors
   lowbit quantize ./my-model --preset w8a8 --calib data.jsonl --out out/w8a8
-  lowbit quantize --preset w3a16 --method rtn --layers      # RTN instead of GPTQ, per-layer errors
   lowbit quantize model.gguf --recipe recipe.yaml --calib wikitext:wikitext-2-raw-v1
-  lowbit eval out/w8a8 --baseline ./my-model --data wikitext:wikitext-2-raw-v1@test --json
-  lowbit presets
+  lowbit presets w4a16                   # a preset as a recipe file to edit
+  lowbit export --help                   # formats for vLLM, transformers, llama.cpp, onnxruntime
 """
 
 
@@ -33,9 +35,12 @@ EXPORT_EPILOG = """formats and options:
                       that holds every layer's grid exactly), --opt embeddings=TYPE (default f16)
   onnx                onnxruntime; MatMulNBits for 2..8-bit weights, QuantizeLinear/DequantizeLinear for int8
                       activations; --opt accuracy_level=0..4 (0: lowbit's numerics; 4: int8 math, faster)
-examples:
-  lowbit export lowbit-out/demo-w4a16 --format compressed-tensors --out exported/ct
-  lowbit export lowbit-out/demo-w4a16-g32 --format gguf --opt type=Q4_0 --out exported/gguf
+examples (on the demo's default output, `lowbit quantize`):
+  lowbit export lowbit-out/demo-w4a16-g64 --format compressed-tensors --out exported/ct
+  lowbit export lowbit-out/demo-w4a16-g64 --format gptq --out exported/gptq
+  lowbit export lowbit-out/demo-w4a16-g64 --format awq --out exported/awq
+  lowbit export lowbit-out/demo-w4a16-g64 --format gguf --opt type=Q4_0 --out exported/gguf
+  lowbit export lowbit-out/demo-w4a16-g64 --format onnx --out exported/onnx
 """
 
 
