@@ -538,3 +538,22 @@ def test_run_and_bench_raise_no_deprecation_warnings(setup: Setup, argv: list[st
     assert rc == 0, err
     deprecations = [w for w in caught if issubclass(w.category, DeprecationWarning | FutureWarning)]
     assert not deprecations, [str(w.message) for w in deprecations]
+
+
+def test_api_and_cli_share_their_defaults() -> None:
+    import inspect
+
+    from lowbit import defaults
+
+    args = build_parser().parse_args(["quantize"])
+    calib = inspect.signature(api.calibration_samples).parameters
+    windows = inspect.signature(api.eval_windows).parameters
+    assert (args.samples, args.seq_len, args.seed) == (defaults.CALIB_SAMPLES, defaults.CALIB_SEQ_LEN, defaults.SEED)
+    assert (calib["n_samples"].default, calib["seq_len"].default, calib["seed"].default) == (
+        args.samples,
+        args.seq_len,
+        args.seed,
+    )
+    assert (windows["n_windows"].default, windows["seq_len"].default) == (args.eval_windows, args.eval_seq_len)
+    for fn in (api.quantize, api.evaluate):
+        assert inspect.signature(fn).parameters["batch_size"].default == args.batch_size
