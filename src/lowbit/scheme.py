@@ -339,8 +339,13 @@ def recipe_from_dict(data: Mapping[str, Any], where: str = "recipe", default_nam
     )
     # a preset's name only while its scheme and steps are kept; a changed recipe is the user's own
     unchanged = base is not None and "scheme" not in data and "steps" not in data
-    name = data.get("name") or (base.name if base is not None and unchanged else default_name)
-    return Recipe(scheme=scheme, steps=steps, name=str(name))
+    name = str(data.get("name") or (base.name if base is not None and unchanged else default_name))
+    if "/" in name or "\\" in name or ".." in name or name.startswith("."):  # it names an output directory
+        raise LowbitError(
+            f"{where}: recipe name {name!r} may not contain '/', '\\' or '..' nor start with '.', because it "
+            "becomes part of the output directory's name; use letters, digits, '-' and '_'"
+        )
+    return Recipe(scheme=scheme, steps=steps, name=name)
 
 
 def load_recipe(path: str | Path) -> Recipe:
