@@ -212,6 +212,7 @@ def test_lock_of_another_process_and_cleanup_after_it_is_killed(
 
 def test_leftovers_are_removed_by_the_next_write(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "o"
+    _write(out, {"x": "0"})
     (tmp_path / ".o.4242.abcd1234.lowbit-tmp").mkdir()  # a killed write
     backup = tmp_path / ".o.old-4242"  # killed between the two renames
     backup.mkdir()
@@ -219,10 +220,28 @@ def test_leftovers_are_removed_by_the_next_write(tmp_path: Path, capsys: pytest.
     keep = [".o.old-4243", ".o.v2.lowbit-tmp", ".oo.4242.abcd1234.lowbit-tmp", ".o.notes"]
     for name in keep:  # not lowbit's (no marker), or not this output's
         (tmp_path / name).mkdir()
-    _write(out, {"x": "y"})
+    _write(out, {"x": "y"}, overwrite=True)
     err = capsys.readouterr().err
     assert err.count("left behind by an interrupted lowbit run") == 2, err
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["o", *keep])
+
+
+def test_output_moved_aside_by_a_killed_run_is_put_back(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Killed between the two renames: the old output is only in .NAME.old-PID, and comes back."""
+    out = tmp_path / "o"
+    _write(out, {"old.txt": "old"})
+    before = _tree(out)
+    out.rename(tmp_path / ".o.old-4242")
+    (tmp_path / ".o.4242.abcd1234.lowbit-tmp").mkdir()
+    with pytest.raises(LowbitError, match="already exists"):
+        check_output(out, False)  # the old output is back, so a new one needs --overwrite
+    assert "put " in capsys.readouterr().err
+    assert _tree(out) == before
+    out.rename(tmp_path / ".o.old-4243")
+    with pytest.raises(LowbitError, match="already exists"):
+        _write(out, {"new.txt": "new"})  # the writer itself does the same
+    assert _tree(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
 
 
 # ---- OS errors ----------------------------------------------------------------------------------------

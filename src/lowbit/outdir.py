@@ -29,7 +29,7 @@ import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -66,18 +66,23 @@ def is_lowbit_output(path: str | Path) -> bool:
     return isinstance(meta, dict) and isinstance(meta.get("layers"), dict)
 
 
+def _where(place: Callable[[], Path]) -> Path | None:
+    """``Path.cwd`` or ``Path.home`` resolved; None when there is none (a removed cwd, no HOME)."""
+    try:
+        return place().resolve()
+    except (OSError, RuntimeError, KeyError):
+        return None
+
+
 def _check_place(out: Path) -> None:
     """Refuse outputs whose replacement would take far more than an output with it."""
     target = out.expanduser().resolve()
-    cwd = Path.cwd().resolve()
-    home = Path.home().resolve()
     what = None
     if target == Path(target.anchor):
         what = "the filesystem root"
-    elif cwd.is_relative_to(target):
-        what = "the current directory" if target == cwd else "a parent of the current directory"
-    elif home.is_relative_to(target):
-        what = "your home directory" if target == home else "a parent of your home directory"
+    for place, name in ((_where(Path.cwd), "the current directory"), (_where(Path.home), "your home directory")):
+        if what is None and place is not None and place.is_relative_to(target):
+            what = name if target == place else f"a parent of {name}"
     if what is not None:
         raise LowbitError(
             f"output {out} is {what}; lowbit writes its output as a new directory and will not write into or "
@@ -155,7 +160,8 @@ def remove_leftovers(out: Path) -> list[str]:
 
     Only names that lowbit makes: ``.NAME.<pid>.<random>.lowbit-tmp`` (a write in progress) and
     ``.NAME.old-PID`` holding an earlier lowbit output (the moment between two renames). The lock
-    says their writer is gone. Returns notes, one per removed directory.
+    says their writer is gone. A run killed between the two renames left no ``out`` at all: its
+    backup is put back in place instead of removed. Returns notes, one per directory.
     """
     name = re.escape(out.name)
     tmp = re.compile(rf"\.{name}\.\d+\.[A-Za-z0-9_]+{re.escape(TMP_SUFFIX)}")
@@ -168,7 +174,15 @@ def remove_leftovers(out: Path) -> list[str]:
     for p in entries:
         if p.is_symlink() or not p.is_dir():
             continue
-        if tmp.fullmatch(p.name) or (old.fullmatch(p.name) and is_lowbit_output(p)):
+        backup = old.fullmatch(p.name) and is_lowbit_output(p)
+        if backup and not (out.exists() or out.is_symlink()):
+            try:
+                os.replace(p, out)
+                notes.append(f"put {out} back from {p.name}, where an interrupted lowbit run had moved it")
+                continue
+            except OSError:
+                pass
+        if tmp.fullmatch(p.name) or backup:
             shutil.rmtree(p, ignore_errors=True)
             if not p.exists():
                 notes.append(f"removed {p}, left behind by an interrupted lowbit run")
@@ -227,11 +241,11 @@ def check_output(out: str | Path, overwrite: bool, *, model_dir: str | Path | No
             )
         if model.is_relative_to(target):
             raise LowbitError(f"output {out} contains the model {model_dir}; choose another --out")
-    check_free(out, overwrite)
     _probe_writable(out)
     if out.parent.is_dir():  # otherwise nobody writes there yet, and nothing is left over
         with output_lock(out):
-            _say(remove_leftovers(out))
+            _say(remove_leftovers(out))  # first: it may put back an output that a killed run moved aside
+    check_free(out, overwrite)
 
 
 @contextmanager
@@ -244,8 +258,8 @@ def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     out = Path(out)
     check_free(out, overwrite)
     with output_lock(out):
+        _say(remove_leftovers(out))  # first: it may put back an output that a killed run moved aside
         check_free(out, overwrite)  # again under the lock: another run may have finished meanwhile
-        _say(remove_leftovers(out))
         try:
             tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=TMP_SUFFIX, dir=out.parent))
         except OSError as exc:
