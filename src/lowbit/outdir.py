@@ -38,6 +38,7 @@ from safetensors import SafetensorError
 from lowbit.errors import LowbitError
 
 MARKER = ".lowbit-output"  # in every directory lowbit writes; --overwrite replaces only these
+_MARKER_TEXT = {"written_by": "lowbit", "note": "lowbit wrote this directory; its --overwrite may replace it"}
 TMP_SUFFIX = ".lowbit-tmp"
 _LEGACY_META = "lowbit.json"  # checkpoint.META_FILE (checkpoint imports this module, not the reverse)
 
@@ -268,7 +269,7 @@ def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
         try:
             os.chmod(tmp, 0o755)  # mkdtemp makes it private; the output is ordinary user data
             yield tmp
-            (tmp / MARKER).write_text(json.dumps({"written_by": "lowbit", "note": "replaced by --overwrite"}) + "\n")
+            (tmp / MARKER).write_text(json.dumps(_MARKER_TEXT) + "\n")
             _replace(tmp, out)
         except (OSError, SafetensorError) as exc:
             raise LowbitError(_os_message(out, exc, kept)) from exc
