@@ -13,7 +13,12 @@ the groups can grow independently.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import json
+import os
+import shutil
+import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,8 +71,140 @@ ROWS_RECIPE: list[Bad] = [
 ]
 
 # --- where output goes ------------------------------------------------------------------------------
+_HELD_LOCKS: list[int] = []  # lock files a row's prepare holds while the row runs (closed by the next one)
+
+
+def _hold_lock(name: str, pid: int) -> Callable[[World], None]:
+    """Another writer of ``name``: its lock file held, as lowbit's own lock holds it, recording ``pid``."""
+
+    def prepare(w: World) -> None:
+        while _HELD_LOCKS:
+            os.close(_HELD_LOCKS.pop())
+        fd = os.open(w.root / f".{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.write(fd, f"{pid}\n".encode())
+        _HELD_LOCKS.append(fd)
+
+    return prepare
+
+
+def _remote_code_model(w: World) -> None:
+    """``remote/``: a config whose auto_map points at modeling_x.py, which would damage the world's text."""
+    remote = w.root / "remote"
+    remote.mkdir()
+    auto_map = {"AutoConfig": "modeling_x.XConfig", "AutoModelForCausalLM": "modeling_x.XForCausalLM"}
+    (remote / "config.json").write_text(json.dumps({"model_type": "lowbit-remote-x", "auto_map": auto_map}))
+    (remote / "modeling_x.py").write_text(f"open({str(w.text)!r}, 'w').write('remote code ran')\n")
+
+
+def _full_disk(w: World) -> None:
+    """Overwrite a copy of the world's checkpoint on a tmpfs too small for a second one (root only)."""
+    from lowbit.checkpoint import load_quantized, save_quantized
+
+    disk = w.root / "disk"
+    disk.mkdir()
+    size = sum(p.stat().st_size for p in w.ckpt.rglob("*") if p.is_file())
+    opts = f"size={int(size * 1.5) // 4096 * 4096 + 4096}"
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        shutil.copytree(w.ckpt, disk / "q")
+        model, tok, meta = load_quantized(disk / "q")
+        save_quantized(model, tok, disk / "q", {k: v for k, v in meta.items() if k != "layers"}, overwrite=True)
+    finally:
+        load_quantized(disk / "q")  # the old checkpoint is intact
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def _export(w: World, *extra: str) -> list[str]:
+    return ["export", str(w.ckpt), "--format", "gptq", "--quiet", *extra]
+
+
 ROWS_OUTPUT: list[Bad] = [
-    Bad("existing --out without --overwrite", "already exists", argv=lambda w: _quantize(w, "--out", str(w.model))),
+    Bad("existing --out without --overwrite", "already exists", argv=lambda w: _quantize(w, "--out", str(w.ckpt))),
+    Bad(
+        "--overwrite onto a directory lowbit did not write",
+        "was not written by lowbit",
+        prepare=_write("mine/notes.txt", "my notes"),
+        argv=lambda w: _quantize(w, "--out", "mine", "--overwrite"),
+    ),
+    Bad(
+        "--overwrite onto the model directory",
+        "is the model itself",
+        argv=lambda w: _quantize(w, "--out", str(w.model), "--overwrite"),
+    ),
+    Bad(
+        "export --overwrite onto the model directory",
+        "was not written by lowbit",
+        argv=lambda w: _export(w, "--out", str(w.model), "--overwrite"),
+    ),
+    Bad(
+        "export --overwrite onto a user's directory",
+        "will not replace it",
+        prepare=_write("exported/readme.txt", "mine"),
+        argv=lambda w: _export(w, "--out", "exported", "--overwrite"),
+    ),
+    Bad("--out .", "is the current directory", argv=lambda w: _quantize(w, "--out", ".", "--overwrite")),
+    Bad("--out ..", "is a parent of the current directory", argv=lambda w: _quantize(w, "--out", "..")),
+    Bad("--out /", "is the filesystem root", argv=lambda w: _quantize(w, "--out", "/", "--overwrite")),
+    Bad("--out ~", "is your home directory", argv=lambda w: _quantize(w, "--out", "~", "--overwrite")),
+    Bad("export --out .", "is the current directory", argv=lambda w: _export(w, "--out", ".", "--overwrite")),
+    Bad(
+        "--out inside the model directory",
+        "inside the model's directory",
+        argv=lambda w: _quantize(w, "--out", str(w.model / "q")),
+    ),
+    Bad(
+        "export --out inside the checkpoint",
+        "inside the model's directory",
+        argv=lambda w: _export(w, "--out", str(w.ckpt / "gptq")),
+    ),
+    Bad("--out under a file", "is a file, not a directory", argv=lambda w: _quantize(w, "--out", "text.txt/q")),
+    Bad("--out where nobody may write", "could not write", argv=lambda w: _quantize(w, "--out", "/proc/lowbit/q")),
+    Bad(
+        "recipe name ../../x",
+        "recipe name '../../x' may not contain",
+        prepare=_write("r.yaml", "name: ../../x\npreset: w8a16\n"),
+        argv=lambda w: _quantize(w, "--recipe", "r.yaml"),
+    ),
+    Bad(
+        "recipe name with a slash",
+        "recipe name 'w8/a16' may not contain",
+        prepare=_write("r.yaml", "name: w8/a16\npreset: w8a16\n"),
+        argv=lambda w: _quantize(w, "--recipe", "r.yaml"),
+    ),
+    Bad(
+        "recipe file named like a hidden file",
+        "recipe name '.mine' may not contain",
+        prepare=_write(".mine.yaml", "scheme: {weights: {format: int8, granularity: channel}}\n"),
+        argv=lambda w: _quantize(w, "--recipe", ".mine.yaml"),
+    ),
+    Bad(
+        "another run writes the same --out",
+        "being written by another lowbit run (process 4242",
+        prepare=_hold_lock("q", 4242),
+        argv=lambda w: _quantize(w, "--out", "q"),
+    ),
+    Bad(
+        "model that wants to run its own code",
+        "pass --trust-remote-code",
+        prepare=_remote_code_model,
+        argv=lambda w: ["quantize", "remote", "--calib", str(w.text), *CALIB_ARGS, "--no-eval", "--out", "q"],
+    ),
+    Bad(
+        "run a model that wants to run its own code",
+        "wants to run its own python code",
+        prepare=_remote_code_model,
+        argv=lambda w: ["run", "remote", "--prompt", "w1 w2"],
+    ),
+    Bad(
+        "leftover temp dir of a killed run",
+        "left behind by an interrupted lowbit run",
+        prepare=lambda w: (w.root / ".q.4242.abcd1234.lowbit-tmp").mkdir(),
+        argv=lambda w: _quantize(w, "--out", "q"),
+        code=0,
+    ),
+    Bad("full disk while saving", "no space left on device", call=_full_disk),
 ]
 
 # --- models, checkpoints and exports ----------------------------------------------------------------

@@ -28,6 +28,7 @@ import lowbit
 import lowbit.models
 from lowbit import api
 from lowbit.cli import build_parser, default_out_dir, main
+from lowbit.outdir import MARKER
 from lowbit.presets import DEFAULT_PRESET, PRESETS
 
 WORDS = [f"w{i}" for i in range(300)]
@@ -463,7 +464,11 @@ def test_existing_out_needs_overwrite(setup: Setup, tmp_path: Path, capsys: pyte
     rc = main(argv)
     _assert_usage_error(rc, capsys.readouterr().err, f"output {out} already exists", "--overwrite")
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "precious"
+    rc = main([*argv, "--overwrite"])  # not lowbit's: not even --overwrite replaces it
+    _assert_usage_error(rc, capsys.readouterr().err, "was not written by lowbit", "will not replace it")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "precious"
 
+    (out / MARKER).write_text('{"written_by": "lowbit"}')  # an output of lowbit's (or so it says)
     assert main([*argv, "--overwrite", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["summary"]["out"] == str(out)
     assert not (out / "keep.txt").exists()

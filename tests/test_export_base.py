@@ -15,6 +15,7 @@ from lowbit import api
 from lowbit.cli import main
 from lowbit.errors import LowbitError
 from lowbit.export.base import Exporter, Problem, dividing_groups, parse_options, quantized_linears, refusal
+from lowbit.outdir import MARKER
 from lowbit.pipeline import quantize_model
 from lowbit.presets import get_preset
 
@@ -93,7 +94,8 @@ def test_refusal_groups_and_shortens() -> None:
 def test_writes_atomically_and_reports_files(fake: FakeExporter, quantized: nn.Module, tmp_path: Path) -> None:
     result = export.export_model(quantized, None, "fake", tmp_path / "o")
     assert result.notes == ["a note"]
-    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == result.files
+    assert sorted(p.name for p in (tmp_path / "o").iterdir() if p.name != MARKER) == result.files
+    assert (tmp_path / "o" / MARKER).is_file()  # lowbit's own output: --overwrite may replace it
     assert len(result.files) == len(quantized_linears(quantized))
 
 
@@ -105,10 +107,13 @@ def test_failed_write_leaves_nothing_and_keeps_the_old_output(
     (out / "keep.txt").write_text("old")
     with pytest.raises(LowbitError, match="already exists"):
         export.export_model(quantized, None, "fake", out)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(LowbitError, match="not written by lowbit"):
+        export.export_model(quantized, None, "fake", out, overwrite=True)
+    (out / MARKER).write_text('{"written_by": "lowbit"}')  # as if lowbit had written it
+    with pytest.raises(LowbitError, match="disk full"):
         export.export_model(quantized, None, "fake", out, {"fail": "yes"}, overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["o"]
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "keep.txt"]
     export.export_model(quantized, None, "fake", out, overwrite=True)
     assert not (out / "keep.txt").exists()
 
@@ -132,7 +137,7 @@ def test_cli_export_from_checkpoint(fake: FakeExporter, tmp_path: Path, capsys: 
     assert main(["export", str(ckpt), "--format", "fake", "--out", str(tmp_path / "o")]) == 2
     assert "already exists" in capsys.readouterr().err
     assert main(["export", str(ckpt), "--format", "fake", "--out", str(ckpt)]) == 2
-    assert "--out is the checkpoint itself" in capsys.readouterr().err
+    assert "is the model itself" in capsys.readouterr().err
     assert main(["export", str(ckpt), "--format", "fake", "--opt", "refuse", "--out", str(tmp_path / "p")]) == 2
     assert "not KEY=VALUE" in capsys.readouterr().err
     assert main(["export", str(ckpt), "--format", "fake", "--opt", "refuse=yes", "--out", str(tmp_path / "p")]) == 2

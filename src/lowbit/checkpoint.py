@@ -31,6 +31,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from lowbit.archs import decoder_blocks, get_arch
 from lowbit.errors import LowbitError
 from lowbit.kvcache import KVQuantizer, attach_kv_quantizers
+from lowbit.models import no_remote_code
 from lowbit.modules import ActQuantizer, QuantLinear
 from lowbit.outdir import atomic_dir, check_free
 from lowbit.packing import pack_bits, packed_nbytes, unpack_bits
@@ -174,8 +175,10 @@ def is_quantized_dir(path: str | Path) -> bool:
     return (Path(path) / META_FILE).is_file()
 
 
-def load_quantized(path: str | Path) -> tuple[nn.Module, Any, dict[str, Any]]:
-    """Load a checkpoint written by ``save_quantized``: (model, tokenizer, lowbit metadata)."""
+def load_quantized(path: str | Path, *, trust_remote_code: bool = False) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """Load a checkpoint written by ``save_quantized``: (model, tokenizer, lowbit metadata).
+
+    A config that needs the model repository's own code is refused unless ``trust_remote_code``."""
     p = Path(path)
     if not is_quantized_dir(p):
         raise LowbitError(f"{p} is not a lowbit checkpoint (no {META_FILE}); quantize a model first")
@@ -190,9 +193,9 @@ def load_quantized(path: str | Path) -> tuple[nn.Module, Any, dict[str, Any]]:
         raise LowbitError(f"{p} has lowbit format {meta.get('format_version')}, this lowbit reads {FORMAT_VERSION}")
     if not isinstance(meta.get("layers"), dict):
         raise LowbitError(f"{p}/{META_FILE} has no 'layers' table; the checkpoint is damaged, quantize again")
-    config = AutoConfig.from_pretrained(p)
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config)
+    with no_remote_code(p, trust_remote_code), init_empty_weights():
+        config = AutoConfig.from_pretrained(p, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     try:
         for name, entry in meta["layers"].items():
             try:
@@ -231,7 +234,10 @@ def load_quantized(path: str | Path) -> tuple[nn.Module, Any, dict[str, Any]]:
     if still_meta or unexpected:
         raise LowbitError(f"{p} does not match its config: missing {still_meta[:5]}, unexpected {unexpected[:5]}")
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(p) if (p / "tokenizer_config.json").exists() else None
+    tokenizer = None
+    if (p / "tokenizer_config.json").exists():
+        with no_remote_code(p, trust_remote_code):
+            tokenizer = AutoTokenizer.from_pretrained(p, trust_remote_code=trust_remote_code)
     return model, tokenizer, meta
 
 

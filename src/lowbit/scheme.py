@@ -344,8 +344,16 @@ def recipe_from_dict(data: Mapping[str, Any], where: str = "recipe", default_nam
     # a preset's name only while its scheme and steps are kept; a changed preset says how it changed
     recipe = Recipe(scheme=scheme, steps=steps, name=base.name if base is not None else default_name)
     if data.get("name"):
-        return dataclasses.replace(recipe, name=str(data["name"]))
-    return dataclasses.replace(recipe, name=derived_name(base, recipe)) if base is not None else recipe
+        recipe = dataclasses.replace(recipe, name=str(data["name"]))
+    elif base is not None:
+        recipe = dataclasses.replace(recipe, name=derived_name(base, recipe))
+    name = recipe.name
+    if "/" in name or "\\" in name or ".." in name or name.startswith("."):  # it names an output directory
+        raise LowbitError(
+            f"{where}: recipe name {name!r} may not contain '/', '\\' or '..' nor start with '.', because it "
+            "becomes part of the output directory's name; use letters, digits, '-' and '_'"
+        )
+    return recipe
 
 
 _SPEC_KEYS = ("weights", "input_activations", "kv_cache")

@@ -134,6 +134,7 @@ class BenchSettings:
     repeat: int = 1  # rounds of timed runs over all paths; the best of each is kept
     baseline: str | None = None
     seed: int = 0
+    trust_remote_code: bool = False  # let a model repository run its own code to load
 
     def check(self) -> None:
         unknown = [p for p in self.paths if p not in PATHS]
@@ -198,7 +199,7 @@ def _build(name: str, model: nn.Module, tokenizer: Any, s: BenchSettings, tmp: s
         if s.baseline:
             from lowbit.api import load_any
 
-            base, _ = load_any(s.baseline)
+            base, _ = load_any(s.baseline, trust_remote_code=s.trust_remote_code)
             return _torch_runner(base.to(torch.float32).eval(), [f"baseline {s.baseline}"])
         return _torch_runner(float_copy(model), ["dequantized weights in float32 nn.Linear"])
     if name == "lowbit":
@@ -298,7 +299,7 @@ def bench(source: str, settings: BenchSettings, log: Callable[[str], None] | Non
     before = torch.get_num_threads()
     torch.set_num_threads(settings.threads or 1)
     try:
-        model, tokenizer = load_any(source)
+        model, tokenizer = load_any(source, trust_remote_code=settings.trust_remote_code)
         config: Any = model.config
         vocab = int((getattr(config, "text_config", None) or config).vocab_size)
         kv_pos = kv_bytes_per_position(config, 1)

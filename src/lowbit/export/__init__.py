@@ -75,7 +75,13 @@ def export_model(
 
 
 def export_checkpoint(
-    src: str | Path, fmt: str, out: str | Path, options: Mapping[str, str] | None = None, overwrite: bool = False
+    src: str | Path,
+    fmt: str,
+    out: str | Path,
+    options: Mapping[str, str] | None = None,
+    overwrite: bool = False,
+    *,
+    trust_remote_code: bool = False,
 ) -> ExportResult:
     """Export a lowbit checkpoint directory (written by ``lowbit quantize``)."""
     from lowbit.checkpoint import is_quantized_dir, load_quantized
@@ -88,7 +94,7 @@ def export_checkpoint(
         raise LowbitError(f"{src} is not a lowbit checkpoint (no lowbit.json); quantize the model first")
     if Path(out).resolve() == src.resolve():
         raise LowbitError("--out is the checkpoint itself; choose another directory")
-    model, tokenizer, _ = load_quantized(src)
+    model, tokenizer, _ = load_quantized(src, trust_remote_code=trust_remote_code)
     return export_model(model, tokenizer, fmt, out, options, overwrite)
 
 
