@@ -1,10 +1,23 @@
 #!/usr/bin/env bash
 # Install what the tests need, then lint, type-check and test.
-# torch==2.13.0 is the CPU build; on a GPU machine install your own torch first and drop the pin.
+#
+#   bash scripts/test.sh [pytest args]           the versions in constraints.txt (what the suite passed with)
+#   bash scripts/test.sh --newest [pytest args]  the newest versions pyproject.toml allows, upgraded in the
+#                                                current environment, to see drift before users meet it
+#
+# torch==2.13.0 is the CPU build, pinned here and not in constraints.txt; on a GPU machine install your own
+# torch first and drop the pin.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m pip install --quiet --upgrade pip
-python -m pip install --quiet "torch==2.13.0" -e ".[test]"
+if [[ "${1:-}" == "--newest" ]]; then
+    shift
+    python -m pip install --quiet --upgrade pip
+    python -m pip install --quiet --upgrade --upgrade-strategy eager "torch==2.13.0" -e ".[test]"
+    python -m pip freeze --exclude-editable | grep -v '^torch==' | diff constraints.txt - || true
+else
+    python -m pip install --quiet --upgrade pip
+    python -m pip install --quiet -c constraints.txt "torch==2.13.0" -e ".[test]"
+fi
 python -m ruff check src tests bench
 python -m ruff format --check src tests bench
 python -m mypy

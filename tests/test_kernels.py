@@ -15,6 +15,7 @@ import torch
 from tiny_models import build, tiny_llama, token_ids
 from torch import nn
 
+from lowbit import kernels
 from lowbit.errors import LowbitError
 from lowbit.formats import get_format
 from lowbit.kernels import (
@@ -23,6 +24,7 @@ from lowbit.kernels import (
     KeptLinear,
     int4_codes,
     int4_plan,
+    kernel_mismatch,
     kernel_plan,
     kernels_available,
     use_kernels,
@@ -171,9 +173,9 @@ def _as_int8(qw: QuantizedWeight) -> QuantizedWeight:
     ("fmt", "granularity"), [("int8", "channel"), ("int8", "tensor"), ("int6", "channel"), ("uint8", "channel")]
 )
 def test_int8_matches_dequantized_reference(fmt: str, granularity: str) -> None:
-    qw = _qweight(fmt, 40, 200, granularity=granularity, seed=11)
+    qw = _qweight(fmt, 40, 208, granularity=granularity, seed=11)
     assert kernel_plan(QuantLinear(qw, None))[0] == "int8"
-    x = _x(6, 200)
+    x = _x(6, 208)
     _assert_matches(Int8Linear(qw, None)(x), x, qw.dequantize())
 
 
@@ -184,6 +186,25 @@ def test_int8_refuses_asymmetric_range_and_groups() -> None:
     grouped = _qweight("int8", 16, 64, group=32)
     kind, why = kernel_plan(QuantLinear(grouped, None))
     assert kind == "kept" and "groups of 32" in why
+
+
+@pytest.mark.parametrize("inp", [200, 8, 33])
+def test_int8_refuses_input_widths_the_kernel_reads_past(inp: int) -> None:
+    """torch's bf16 int8 kernel reads K in steps of 16: other widths crashed or gave wrong values."""
+    qw = _qweight("int8", 40, inp, granularity="channel", seed=11)
+    kind, why = kernel_plan(QuantLinear(qw, None))
+    assert kind == "kept" and f"{inp} input features are not a multiple of 16" in why
+    with pytest.raises(LowbitError, match="multiple of 16"):
+        Int8Linear(qw, None)
+
+
+@pytest.mark.parametrize(("fmt", "group"), [("int8", None), ("int4", 32)])
+def test_kernel_self_check_passes_on_a_correct_kernel(fmt: str, group: int | None) -> None:
+    qw = _qweight(fmt, 24, 96, granularity="channel" if group is None else "group", group=group, seed=3)
+    bias = torch.randn(24, generator=torch.Generator().manual_seed(1))
+    ref = QuantLinear(qw, bias)
+    layer = (Int8Linear if fmt == "int8" else Int4Linear)(qw, bias)
+    assert kernel_mismatch(layer, ref, torch.bfloat16) == ""
 
 
 def test_float16_activations_and_float32_refused() -> None:
@@ -301,3 +322,42 @@ def test_other_architectures_and_kv_cache_quantization(arch: str) -> None:
     got = _logits(model)
     # the int8 KV quantizer sees bf16-rounded keys and values: some round the other way (measured ~1.3%)
     assert float((got - ref).abs().max()) < 0.03 * float(ref.abs().max())
+
+
+def _wrong_int8_matmul(self: Int8Linear, x2: torch.Tensor) -> torch.Tensor:
+    """What a kernel that reads garbage looks like: right shape, wrong values."""
+    y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight, self.scale)
+    return y.roll(1, dims=1)
+
+
+def test_a_kernel_that_disagrees_with_the_reference_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _quantized(QuantSpec("int8", "channel", None))
+    ref = _logits(model)
+    probes: list[tuple[int, int]] = []
+    real = kernels.kernel_mismatch
+
+    def counting(layer: nn.Module, reference: QuantLinear, dtype: torch.dtype) -> str:
+        probes.append((reference.out_features, reference.in_features))
+        return real(layer, reference, dtype)
+
+    monkeypatch.setattr(kernels, "kernel_mismatch", counting)
+    monkeypatch.setattr(Int8Linear, "_matmul", _wrong_int8_matmul)
+    report = use_kernels(model)
+    shapes = {(m.inner.out_features, m.inner.in_features) for m in model.modules() if isinstance(m, KeptLinear)}
+    assert sorted(probes) == sorted(shapes)  # one probe per distinct shape, not per layer
+    assert len(probes) < 14 == len(report.kept) and not report.int8
+    assert all("from the reference" in why for why in report.kept.values())
+    assert any("probe input" in line for line in report.lines())
+    got = _logits(model)  # the reference path, in float32 between bf16 casts
+    assert float((got - ref).abs().max()) < 0.015 * float(ref.abs().max())
+
+
+def test_a_kernel_that_raises_on_the_probe_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    def failing(self: Int8Linear, x2: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("expected scales to be bf16\nmore")
+
+    model = _quantized(QuantSpec("int8", "channel", None))
+    monkeypatch.setattr(Int8Linear, "_matmul", failing)
+    report = use_kernels(model)
+    assert not report.int8
+    assert set(report.kept.values()) == {"the kernel failed on a probe input: expected scales to be bf16"}

@@ -10,7 +10,18 @@ keep the codes packed and call torch's CPU kernels:
   Act-order ``g_idx`` groups are handled by permuting the input features; OWQ's float columns
   by a small float matmul on those inputs.
 - :class:`Int8Linear`: integer grids of 5..8 bits with one scale per output channel (or per
-  tensor) whose codes minus zero point fit int8, through ``_weight_int8pack_mm``.
+  tensor) whose codes minus zero point fit int8, and input widths that are multiples of 16,
+  through ``_weight_int8pack_mm``.
+
+Two guards keep a kernel from being trusted blindly. Known limits are checked from the shape
+(:func:`int8_refusal`): torch 2.13's ``_weight_int8pack_mm`` with bfloat16 activations on an
+AVX-512 CPU walks the input dimension 16 values at a time with no tail, so for K not a multiple
+of 16 it reads past the rows of its operands: a segmentation fault, or silently wrong outputs
+when the memory after them happens to be mapped (probed with the operands placed right before
+an unreadable page; float16 and float32 activations and K multiples of 16 were right). And
+:func:`use_kernels` runs every new kernel layer once per distinct shape on a small input and
+compares it with the layer's float reference before using it (:func:`kernel_mismatch`); a layer
+whose kernel disagrees stays on the reference path and the report says why.
 
 The kernels are fast only with bfloat16 activations (float32 ones take a slow path; float16
 works but was 8x slower than bfloat16 on a 2-core AVX2 machine), so by default the whole model
@@ -39,6 +50,14 @@ from lowbit.qweight import QuantizedWeight
 INT4_GROUPS = (256, 128, 64, 32)  # group sizes _weight_int4pack_mm_for_cpu takes, preferred first
 INT4_N_ALIGN = 16  # the int4 packing takes output features in multiples of 16
 INT4_ZERO_CODE = 8  # the kernel computes (code - 8) * scale + offset
+# _weight_int8pack_mm's bfloat16 path (AVX-512) reads K in steps of 16 with no tail: other K read
+# past the operands (segfault or wrong values), see the module docstring
+INT8_K_ALIGN = 16
+# the self-check before a kernel layer is used: rows of the probe input (odd, so the kernels' row
+# blocks of 4 have a tail) and how far its output may be from the float reference, relative to the
+# largest reference value (the kernel rounds inputs, scales and outputs to bf16: about 2**-8 each)
+PROBE_ROWS = 5
+PROBE_RTOL = 2**-5
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 # float buffers that stay float32 when the model is cast: rotary frequencies (HF computes cos/sin
 # in float32 from them and casts the result)
@@ -256,10 +275,40 @@ def int8_refusal(qw: QuantizedWeight) -> str:
         return fmt
     if qw.spec.granularity == "group":
         return f"groups of {qw.spec.group_size}: the int8 kernel takes one scale per output channel"
+    if qw.shape[1] % INT8_K_ALIGN:
+        return (
+            f"{qw.shape[1]} input features are not a multiple of {INT8_K_ALIGN}: torch's int8 kernel reads "
+            "past such rows (a crash or wrong values)"
+        )
     zp = qw.zero_point.to(torch.float32).expand(qw.shape[0], 1)
     c = qw.grid_values() - zp
     if c.numel() and (float(c.min()) < -128 or float(c.max()) > 127):
         return "codes minus zero point fall outside int8 (an asymmetric 8-bit grid); the int8 kernel is symmetric"
+    return ""
+
+
+def probe_input(in_features: int, dtype: torch.dtype) -> torch.Tensor:
+    """A fixed (PROBE_ROWS, in_features) input in ``dtype`` for the kernel self-check."""
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(PROBE_ROWS, in_features, generator=g).to(dtype)
+
+
+@torch.no_grad()
+def kernel_mismatch(layer: nn.Module, reference: QuantLinear, dtype: torch.dtype) -> str:
+    """Why ``layer`` cannot stand in for ``reference`` on a probe input ('' when it matches): it
+    raised, gave a wrong shape or non-finite values, or is further than PROBE_RTOL (relative to the
+    largest output) from the float64 product with the reference's dequantized weight."""
+    x = probe_input(reference.in_features, dtype)
+    try:
+        y = layer(x)
+    except RuntimeError as e:
+        return f"the kernel failed on a probe input: {str(e).splitlines()[0]}"
+    ref = F.linear(x.double(), reference.weight.double(), None if reference.bias is None else reference.bias.double())
+    if y.shape != ref.shape:
+        return f"the kernel gave shape {tuple(y.shape)} for {tuple(ref.shape)} on a probe input"
+    err, scale = float((y.double() - ref).abs().max()), float(ref.abs().max())
+    if not err <= PROBE_RTOL * scale + 1e-6:  # also catches NaN
+        return f"the kernel's output on a probe input is {err:.3g} from the reference (largest value {scale:.3g})"
     return ""
 
 
@@ -326,17 +375,21 @@ def use_kernels(model: nn.Module, dtype: torch.dtype = torch.bfloat16, cast_rest
         raise LowbitError("the kernels run on CPU; move the model to CPU first")
     report = KernelReport(dtype)
     frozen: list[str] = []  # modules whose tensors keep their dtype
+    checked: dict[tuple[str, int, int, bool], str] = {}  # (kind, out, in, bias) -> mismatch, one probe each
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantLinear):
             kind, why = kernel_plan(module)
-            new: nn.Module
-            if kind == "int4" and module.qweight is not None:
-                new = Int4Linear(module.qweight, module.bias, dtype)
-                report.int4.append(name)
-            elif kind == "int8" and module.qweight is not None:
-                new = Int8Linear(module.qweight, module.bias, dtype)
-                report.int8.append(name)
-            else:
+            new: nn.Module | None = None
+            if kind != "kept" and module.qweight is not None:
+                layer = (Int4Linear if kind == "int4" else Int8Linear)(module.qweight, module.bias, dtype)
+                key = (kind, module.out_features, module.in_features, module.bias is not None)
+                if key not in checked:
+                    checked[key] = kernel_mismatch(layer, module, dtype)
+                why = checked[key]
+                if not why:
+                    new = layer
+                    (report.int4 if kind == "int4" else report.int8).append(name)
+            if new is None:
                 new = KeptLinear(module, module.weight.dtype)
                 report.kept[name] = why
             model.set_submodule(name, new)

@@ -26,7 +26,8 @@ group lists its layers by name):
 - Activations: dynamic per token (``strategy: token``), or static per tensor with
   ``input_scale`` (and ``input_zero_point`` int8 when asymmetric).
 - KV cache: static per-tensor (``tensor``) or per-KV-head (``attn_head``) symmetric int8/fp8 ->
-  ``kv_cache_scheme`` with ``ATTN.k_scale`` / ``ATTN.v_scale``.
+  ``kv_cache_scheme`` with ``ATTN.k_scale`` / ``ATTN.v_scale`` (see :func:`kv_scale_tensors` for
+  why these names and not the older ``k_proj.output_scale``).
 
 compressed-tensors' integers are signed, ``w = scale * (q - zero_point)`` with ``q`` and the zero
 point in ``[-2**(b-1), 2**(b-1) - 1]`` (zero point absent: 0). lowbit's unsigned grids (uintB) are
@@ -129,10 +130,7 @@ class CompressedTensorsExporter(Exporter):
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in _float_tensors(model).items()}
         for name, m in quantized_linears(model):
             tensors.update(linear_tensors(name, m, plans[name], dtype))
-        for name, q in kv_quantizers(model):
-            for kind, (scale, _) in q.qparams.items():
-                shape = (1,) if q.spec.granularity == "tensor" else (-1, 1, 1)
-                tensors[f"{name}.{kind}_scale"] = scale.reshape(shape).to(dtype)
+        tensors.update(kv_scale_tensors(model, dtype))
         ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
         qconfig = _quant_config(plans, ignore, kv)
 
@@ -150,6 +148,54 @@ class CompressedTensorsExporter(Exporter):
         tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
         save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
         return _notes(model, plans, ignore, kv, dtype)
+
+
+def kv_scale_tensors(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """``ATTN.k_scale`` / ``ATTN.v_scale`` of every attention module with a KV quantizer.
+
+    The names are the attention module's own, as compressed-tensors (0.10 to 0.20 at least) registers
+    them (``initialize_attn_qparams``: ``k_scale``/``v_scale`` on the attention module, shape (1,) per
+    tensor or (kv_heads, 1, 1) per head) and as vLLM's loader reads them (``self_attn.k_scale`` into
+    ``attn.k_scale``). The older llm-compressor layout, ``k_proj.output_scale``, quantized the
+    projection's output, i.e. keys *before* RoPE; lowbit quantizes the cached keys after RoPE, as
+    compressed-tensors' KV-cache hook and vLLM do, so writing it there would describe another model.
+    """
+    out = {}
+    for name, q in kv_quantizers(model):
+        for kind, (scale, _) in q.qparams.items():
+            shape = (1,) if q.spec.granularity == "tensor" else (-1, 1, 1)
+            out[f"{name}.{kind}_scale"] = scale.reshape(shape).to(dtype)
+    return out
+
+
+def kv_scheme_ignored_by_transformers(model: nn.Module) -> str:
+    """Why transformers, loading the export with the installed compressed-tensors, will not apply
+    its ``kv_cache_scheme`` ('' when it will, or when this compressed-tensors cannot say).
+
+    compressed-tensors quantizes the KV cache only of attention modules it recognises as cached
+    (``is_cached_attention_module``: a forward that takes ``past_key_value(s)``). transformers 5.24
+    renamed that argument ``cache``, and compressed-tensors 0.20.1 does not know the new name: the
+    KV cache then runs in float and ``k_scale``/``v_scale`` are reported as unexpected keys. The files
+    are still right for vLLM, which reads the scales itself; this is checked on the model's own
+    attention classes, so it follows whatever pair of versions is installed.
+    """
+    try:
+        from compressed_tensors.quantization.lifecycle.initialize import is_cached_attention_module
+    except ImportError:  # older compressed-tensors: no such predicate to ask
+        return ""
+    attention = [model.get_submodule(name) for name, _ in kv_quantizers(model)]
+    if not attention or any(is_cached_attention_module(m) for m in attention):
+        return ""
+    import compressed_tensors
+    import transformers
+
+    cls = type(attention[0]).__name__
+    return (
+        f"KV cache: transformers {transformers.__version__} with compressed-tensors "
+        f"{compressed_tensors.__version__} will not apply kv_cache_scheme ({cls}.forward takes no "
+        "past_key_values argument, which compressed-tensors looks for); it reports k_scale/v_scale as "
+        "unexpected and runs the KV cache in float. vLLM reads them"
+    )
 
 
 def _quant_config(plans: dict[str, LayerPlan], ignore: list[str], kv: dict[str, Any] | None) -> QuantizationConfig:
@@ -193,6 +239,9 @@ def _notes(
         )
     if kv is not None and kv["type"] == "int":
         notes.append("int8 KV cache: transformers reads it; vLLM's kv_cache_scheme takes FP8 only")
+    ignored = kv_scheme_ignored_by_transformers(model) if kv is not None else ""
+    if ignored:
+        notes.append(ignored)
     for parts in FUSED:
         for name in plans:
             prefix, _, leaf = name.rpartition(".")
