@@ -104,10 +104,11 @@ def save_quantized(
         raise LowbitError(f"could not write {out_dir} ({exc})") from exc
 
 
-def load_any(spec: str) -> tuple[nn.Module, Any]:
-    """A lowbit checkpoint directory, or anything ``load_model`` accepts: (model, tokenizer)."""
+def load_any(spec: str, verify: bool = True) -> tuple[nn.Module, Any]:
+    """A lowbit checkpoint directory (its file hashes checked unless ``verify=False``), or
+    anything ``load_model`` accepts: (model, tokenizer)."""
     if is_quantized_dir(spec):
-        model, tok, _ = load_quantized(spec)
+        model, tok, _ = load_quantized(spec, verify=verify)
         return model, tok
     return load_model(spec)
 

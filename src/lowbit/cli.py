@@ -52,6 +52,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _add_no_verify(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="do not compare a lowbit checkpoint's files with the SHA-256 hashes in its lowbit.json (for a "
+        "checkpoint edited on purpose); its values are still checked",
+    )
+
+
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-windows", type=_positive_int, default=16, help="evaluation windows (default 16)")
     p.add_argument("--eval-seq-len", type=_positive_int, default=512, help="tokens per evaluation window (default 512)")
@@ -113,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--baseline", default=None, help="the original model to compare against")
     e.add_argument("--data", default="demo", help="evaluation text (same forms as --calib; default demo)")
     _add_data_args(e)
+    _add_no_verify(e)
 
     x = sub.add_parser(
         "export",
@@ -132,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     x.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     x.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_no_verify(x)
 
     _add_run_parsers(sub)
     sub.add_parser("presets", help="list the presets", description="List the presets, one per line.")
@@ -162,6 +173,7 @@ def _add_run_parsers(sub: Any) -> None:
     r.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
     r.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all cores)")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_no_verify(r)
 
     b = sub.add_parser(
         "bench",
@@ -184,6 +196,7 @@ def _add_run_parsers(sub: Any) -> None:
     b.add_argument("--repeat", type=_positive_int, default=1, help="timed rounds over all paths, best kept (default 1)")
     b.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
     b.add_argument("--quiet", action="store_true", help="no progress messages")
+    _add_no_verify(b)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,7 +238,9 @@ def _export(args: argparse.Namespace) -> int:
     from lowbit.export import export_checkpoint
     from lowbit.export.base import parse_options
 
-    result = export_checkpoint(args.checkpoint, args.fmt, args.out, parse_options(args.opt), args.overwrite)
+    result = export_checkpoint(
+        args.checkpoint, args.fmt, args.out, parse_options(args.opt), args.overwrite, verify=not args.no_verify
+    )
     print(f"wrote {result.format} to {result.out}: {', '.join(result.files)}")
     for note in result.notes:
         print(f"  note: {note}")
@@ -241,7 +256,7 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tok = api.load_any(args.model)
+    model, tok = api.load_any(args.model, verify=not args.no_verify)
     if tok is None:
         raise LowbitError(f"{args.model} has no tokenizer files; save the model with its tokenizer to run prompts")
     kernels = args.kernels
@@ -275,7 +290,10 @@ def _int_list(text: str, what: str) -> tuple[int, ...]:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    from contextlib import nullcontext
+
     from lowbit.speed import BenchSettings, bench, format_bench
+    from lowbit.verify import hashes_unchecked
 
     settings = BenchSettings(
         prompt_len=args.prompt_len,
@@ -288,7 +306,8 @@ def _bench(args: argparse.Namespace) -> int:
     )
     settings.check()
     log = None if args.quiet else (lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
-    result = bench(args.model, settings, log)
+    with hashes_unchecked() if args.no_verify else nullcontext():  # bench loads the checkpoint itself
+        result = bench(args.model, settings, log)
     print(json.dumps(result.to_dict(), indent=1) if args.json else format_bench(result))
     return 0
 
@@ -387,10 +406,10 @@ def _quantize(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from lowbit import api
 
-    model, tok = api.load_any(args.model)
+    model, tok = api.load_any(args.model, verify=not args.no_verify)
     baseline = None
     if args.baseline:
-        baseline, base_tok = api.load_any(args.baseline)
+        baseline, base_tok = api.load_any(args.baseline, verify=not args.no_verify)
         tok = tok or base_tok
     if tok is None:
         raise LowbitError(f"{args.model} has no tokenizer files; give --baseline so its tokenizer can be used")
