@@ -426,11 +426,11 @@ def test_verify_false_skips_only_the_hash_check(saved: Path, tmp_path: Path) -> 
     tensors[name][3, 0] = float("nan")
     save_file(tensors, str(out / checkpoint.WEIGHTS_FILE))
     _load_error(out, "does not match the SHA-256")
-    _load_error(out, f"{name} has 1 NaN values", verify=False)
+    _load_error(out, f"{name} has 1 NaN value", verify=False)
     from lowbit.verify import hashes_unchecked
 
     with hashes_unchecked():  # what `lowbit bench --no-verify` uses
-        _load_error(out, f"{name} has 1 NaN values")
+        _load_error(out, f"{name} has 1 NaN value")
 
 
 def test_checkpoint_without_hashes_loads_silently(saved: Path, tmp_path: Path, recwarn: Any) -> None:

@@ -119,6 +119,11 @@ def _count(mask: torch.Tensor) -> int:
     return int(mask.sum())
 
 
+def _n(count: int, what: str) -> str:
+    """``1 NaN value``, ``3 NaN values``."""
+    return f"{count} {what}" + ("" if count == 1 else "s")
+
+
 def check_finite(name: str, t: torch.Tensor) -> None:
     """A float tensor has no NaN and no infinity."""
     if not t.is_floating_point() or t.is_meta:
@@ -126,7 +131,7 @@ def check_finite(name: str, t: torch.Tensor) -> None:
     if bool(torch.isfinite(t).all()):
         return
     nan, inf = _count(torch.isnan(t)), _count(torch.isinf(t))
-    what = " and ".join(s for s in (f"{nan} NaN values" if nan else "", f"{inf} infinite values" if inf else "") if s)
+    what = " and ".join(s for s in (_n(nan, "NaN value") if nan else "", _n(inf, "infinite value") if inf else "") if s)
     raise LowbitError(f"{name} has {what}")
 
 
@@ -135,7 +140,7 @@ def check_scale(name: str, scale: torch.Tensor) -> None:
     check_finite(name, scale)
     bad = _count(scale <= 0)
     if bad:
-        raise LowbitError(f"{name} has {bad} values <= 0 (scales must be positive)")
+        raise LowbitError(f"{name} has {_n(bad, 'value')} <= 0 (scales must be positive)")
 
 
 def check_zero_point(name: str, zp: torch.Tensor, fmt: Format) -> None:
@@ -144,7 +149,7 @@ def check_zero_point(name: str, zp: torch.Tensor, fmt: Format) -> None:
     check_finite(name, z)
     bad = _count((z < fmt.qmin) | (z > fmt.qmax) | (z != torch.round(z)))
     if bad:
-        raise LowbitError(f"{name} has {bad} values outside the {fmt.name} code range {fmt.qmin}..{fmt.qmax}")
+        raise LowbitError(f"{name} has {_n(bad, 'value')} outside the {fmt.name} code range {fmt.qmin}..{fmt.qmax}")
 
 
 def check_codes(name: str, codes: torch.Tensor, fmt: Format) -> None:
@@ -153,7 +158,7 @@ def check_codes(name: str, codes: torch.Tensor, fmt: Format) -> None:
         return
     bad = _count(torch.isnan(fmt.from_codes(codes)))
     if bad:
-        raise LowbitError(f"{name} has {bad} codes that are not finite {fmt.name} values (NaN/Inf bit patterns)")
+        raise LowbitError(f"{name} has {_n(bad, 'code')} that are not finite {fmt.name} values (NaN/Inf bit patterns)")
 
 
 def check_qweight(name: str, qw: QuantizedWeight) -> None:
