@@ -177,16 +177,25 @@ def check_qparams(name: str, scale: torch.Tensor, zp: torch.Tensor, fmt: Format)
 
 
 def check_model(model: nn.Module) -> None:
-    """Every quantization parameter of an in-memory model, then every float tensor finite."""
+    """Every quantization parameter of an in-memory model, then every other float tensor finite
+    (a quantized layer's dequantized weight is not swept again: it is made of what was checked)."""
+    seen: set[int] = set()
     for name, m in model.named_modules():
         if isinstance(m, QuantLinear):
             if m.qweight is not None:
                 check_qweight(name, m.qweight)
             if m.act is not None and m.act.scale is not None and m.act.zero_point is not None:
                 check_qparams(f"{name}.input", m.act.scale, m.act.zero_point, m.act.spec.fmt)
+            own = {"bias": m.bias} if m.qweight is not None else {"weight": m.weight, "bias": m.bias}
+        elif isinstance(m, KVQuantizer):
+            continue  # checked with its attention module below
+        else:
+            own = dict(m.named_parameters(recurse=False)) | dict(m.named_buffers(recurse=False))
         kvq = getattr(m, "lowbit_kv", None)
         if isinstance(kvq, KVQuantizer):
             for kind, (scale, zp) in kvq.qparams.items():
                 check_qparams(f"{name}.{kind}", scale, zp, kvq.spec.fmt)
-    for key, value in model.state_dict().items():
-        check_finite(key, value)
+        for key, value in own.items():
+            if isinstance(value, torch.Tensor) and value.numel() and value.data_ptr() not in seen:  # tied: once
+                seen.add(value.data_ptr())
+                check_finite(f"{name}.{key}" if name else key, value)
