@@ -99,16 +99,16 @@ def _load_pretrained(name: str, dtype: torch.dtype, spec: str) -> tuple[PreTrain
     except (OSError, ValueError, SafetensorError, RuntimeError) as exc:
         if isinstance(exc, RuntimeError) and not _is_size_mismatch(exc):
             raise
-        if is_local and isinstance(exc, SafetensorError):
-            files = "; ".join(_damaged_weight_files(Path(name))) or f"a weight file in {name} ({exc})"
+        if isinstance(exc, SafetensorError):
+            files = "; ".join(_damaged_weight_files(Path(name))) if is_local else ""
             raise LowbitError(
-                f"the model in {spec!r} has a damaged weight file: {files}; it may be truncated, copy or download "
-                "it again"
+                f"the model in {spec!r} has a damaged weight file: {files or exc}; it may be truncated, copy or "
+                "download it again (for a Hub id: delete it from the Hugging Face cache)"
             ) from exc
-        if is_local and _is_size_mismatch(exc):
+        if _is_size_mismatch(exc):
             raise LowbitError(
-                f"the weights in {spec!r} do not match the shapes its config.json describes (see the report "
-                "above); the directory mixes files of different models"
+                f"the weights of {spec!r} do not match the shapes its config.json describes (transformers' load "
+                "report above lists them); the files belong to different models"
             ) from exc
         if is_local:
             raise LowbitError(f"could not load the model in {spec!r}: {exc}") from exc
