@@ -24,8 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import gguf
+import numpy as np
 import pytest
-from world import CALIB_ARGS, World, build_world, copy_world, run_cli
+import torch
+from safetensors.torch import load_file, save_file
+from world import CALIB_ARGS, EVAL_ARGS, World, build_world, copy_world, run_cli
 
 import lowbit.models
 from lowbit.errors import LowbitError
@@ -208,9 +212,199 @@ ROWS_OUTPUT: list[Bad] = [
 ]
 
 # --- models, checkpoints and exports ----------------------------------------------------------------
+Q_SCALE = "model.layers.0.self_attn.q_proj.weight_scale"
+STALE = "lowbit.safetensors does not match the SHA-256 recorded in lowbit.json"
+
+
+def _eval(target: str, *extra: str) -> list[str]:
+    return ["eval", target, "--data", "text.txt", *EVAL_ARGS, "--quiet", *extra]
+
+
+def _checkpoint(preset: str, name: str) -> Callable[[World], None]:
+    """Quantize the world's model with ``preset`` (RTN) into ``name``: for damage the w8a16
+    checkpoint cannot show (zero points, static activation scales)."""
+
+    def prepare(w: World) -> None:
+        argv = ["quantize", str(w.model), "--preset", preset, "--method", "rtn", "--calib", str(w.text)]
+        rc, _, err = run_cli([*argv, *CALIB_ARGS, "--no-eval", "--quiet", "--out", name])
+        assert rc == 0, err
+
+    return prepare
+
+
+def _set_tensor(
+    ckpt: str, name: str, index: tuple[int, ...], value: float, rehash: bool = False
+) -> Callable[[World], None]:
+    """Change one value of a checkpoint's tensor; with ``rehash`` also its hash in lowbit.json (an
+    edit made on purpose, or damage done before the hashes were computed)."""
+
+    def prepare(w: World) -> None:
+        path = w.root / ckpt / "lowbit.safetensors"
+        tensors = load_file(str(path))
+        tensors[name][index] = value
+        save_file(tensors, str(path), metadata={"format": "pt"})
+        if rehash:
+            meta_path = w.root / ckpt / "lowbit.json"
+            meta = json.loads(meta_path.read_text())
+            meta["sha256"]["lowbit.safetensors"] = hashlib.sha256(path.read_bytes()).hexdigest()
+            meta_path.write_text(json.dumps(meta))
+
+    return prepare
+
+
+def _both(*steps: Callable[[World], None]) -> Callable[[World], None]:
+    def prepare(w: World) -> None:
+        for step in steps:
+            step(w)
+
+    return prepare
+
+
+def _truncate(rel: str) -> Callable[[World], None]:
+    def prepare(w: World) -> None:
+        path = w.root / rel
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+    return prepare
+
+
+def _scribble(rel: str, offset: int) -> Callable[[World], None]:
+    """Overwrite 64 bytes of a file at ``offset`` with random bytes."""
+
+    def prepare(w: World) -> None:
+        path = w.root / rel
+        data = bytearray(path.read_bytes())
+        data[offset : offset + 64] = np.random.default_rng(0).integers(0, 256, 64, dtype=np.uint8).tobytes()
+        path.write_bytes(bytes(data))
+
+    return prepare
+
+
+def _edit_json(rel: str, change: Callable[[dict[str, Any]], None]) -> Callable[[World], None]:
+    def prepare(w: World) -> None:
+        path = w.root / rel
+        data = json.loads(path.read_text())
+        change(data)
+        path.write_text(json.dumps(data))
+
+    return prepare
+
+
+def _bad_gguf(drop: str = "", halve: str = "") -> Callable[[World], None]:
+    """``bad.gguf``: a 2-block llama declared in the metadata, with tensor ``drop`` left out or
+    ``halve`` half as wide as the architecture needs."""
+
+    def prepare(w: World) -> None:
+        hidden, ffn, heads, kv, vocab = 64, 128, 4, 2, [b"<unk>", b"<s>", b"</s>", *(b"w%d" % i for i in range(20))]
+        writer = gguf.GGUFWriter(str(w.root / "bad.gguf"), "llama")
+        writer.add_block_count(2)
+        writer.add_context_length(128)
+        writer.add_embedding_length(hidden)
+        writer.add_feed_forward_length(ffn)
+        writer.add_head_count(heads)
+        writer.add_head_count_kv(kv)
+        writer.add_layer_norm_rms_eps(1e-5)
+        writer.add_rope_freq_base(10000.0)
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list(vocab)
+        writer.add_token_scores([0.0] * len(vocab))
+        writer.add_token_types([1] * len(vocab))
+        shapes = {"token_embd.weight": (len(vocab), hidden), "output_norm.weight": (hidden,)}
+        for i in range(2):
+            for t, shape in (("attn_norm", (hidden,)), ("ffn_norm", (hidden,)), ("attn_q", (hidden, hidden)),
+                             ("attn_k", (kv * hidden // heads, hidden)), ("attn_v", (kv * hidden // heads, hidden)),
+                             ("attn_output", (hidden, hidden)), ("ffn_gate", (ffn, hidden)), ("ffn_up", (ffn, hidden)),
+                             ("ffn_down", (hidden, ffn))):  # fmt: skip
+                shapes[f"blk.{i}.{t}.weight"] = shape
+        for name, shape in shapes.items():
+            if name != drop:
+                shape = (*shape[:-1], shape[-1] // 2) if name == halve else shape
+                writer.add_tensor(name, np.full(shape, 0.01, dtype=np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+
+    return prepare
+
+
 ROWS_CHECKPOINT: list[Bad] = [
     Bad("missing model directory", "does not exist", argv=lambda w: ["quantize", "./no-such-model", "--no-eval"]),
-]
+    Bad("NaN weight scale: hash", STALE, prepare=_set_tensor("ckpt", Q_SCALE, (3, 0), float("nan")),
+        argv=lambda w: _eval("ckpt")),
+    Bad("NaN weight scale: --no-verify", f"{Q_SCALE} has 1 NaN value",
+        prepare=_set_tensor("ckpt", Q_SCALE, (3, 0), float("nan")), argv=lambda w: _eval("ckpt", "--no-verify")),
+    Bad("NaN weight scale: rehashed, run", f"{Q_SCALE} has 1 NaN value",
+        prepare=_set_tensor("ckpt", Q_SCALE, (3, 0), float("nan"), rehash=True),
+        argv=lambda w: ["run", "ckpt", "--prompt", "w1 w2", "--max-new-tokens", "2", "--quiet"]),
+    Bad("zero weight scale", f"{Q_SCALE} has 1 value <= 0", prepare=_set_tensor("ckpt", Q_SCALE, (0, 0), 0.0),
+        argv=lambda w: ["bench", "ckpt", "--no-verify", "--quiet", "--paths", "lowbit"]),
+    Bad("Inf input scale", "model.layers.1.mlp.down_proj.input_scale has 1 infinite value",
+        prepare=_both(_checkpoint("w8a8-static", "static"),
+                      _set_tensor("static", "model.layers.1.mlp.down_proj.input_scale", (), float("inf"), True)),
+        argv=lambda w: _eval("static")),
+    Bad("zero point out of range", "model.layers.0.mlp.up_proj.weight_zero_point has 1 value outside the uint4 code",
+        prepare=_both(_checkpoint("w4a16-asym", "asym"),
+                      _set_tensor("asym", "model.layers.0.mlp.up_proj.weight_zero_point", (5, 0), 99, True)),
+        argv=lambda w: _eval("asym")),
+    Bad("NaN in a norm", "model.norm.weight has 1 NaN value",
+        prepare=_set_tensor("ckpt", "model.norm.weight", (7,), float("nan")),
+        argv=lambda w: _eval("ckpt", "--no-verify")),
+    Bad("random bytes in lowbit.safetensors", STALE, prepare=_scribble("ckpt/lowbit.safetensors", 100_000),
+        argv=lambda w: _eval("ckpt")),
+    Bad("random bytes in the header of lowbit.safetensors", "lowbit.safetensors is damaged or incomplete",
+        prepare=_scribble("ckpt/lowbit.safetensors", 8), argv=lambda w: _eval("ckpt", "--no-verify")),
+    Bad("truncated lowbit.safetensors", STALE, prepare=_truncate("ckpt/lowbit.safetensors"),
+        argv=lambda w: _eval("ckpt")),
+    Bad("truncated lowbit.safetensors: --no-verify", "lowbit.safetensors is damaged or incomplete",
+        prepare=_truncate("ckpt/lowbit.safetensors"), argv=lambda w: _eval("ckpt", "--no-verify")),
+    Bad("missing lowbit.safetensors", "lowbit.safetensors is missing",
+        prepare=lambda w: (w.ckpt / "lowbit.safetensors").unlink(), argv=lambda w: _eval("ckpt")),
+    Bad("truncated model.safetensors: quantize", "model/model.safetensors (",
+        prepare=_truncate("model/model.safetensors"), argv=lambda w: _quantize(w)),
+    Bad("truncated model.safetensors: eval", "has a damaged weight file",
+        prepare=_truncate("model/model.safetensors"), argv=lambda w: _eval("model")),
+    Bad("model.safetensors of another shape", "do not match the shapes its config.json describes",
+        prepare=lambda w: save_file({**load_file(str(w.model / "model.safetensors")),
+                                     "model.norm.weight": torch.ones(7)}, str(w.model / "model.safetensors")),
+        argv=lambda w: _quantize(w)),
+    Bad("model config.json not JSON", "config.json' is not a valid JSON file",
+        prepare=_write("model/config.json", "{not json"), argv=lambda w: _quantize(w)),
+    Bad("model config.json without model_type", "should have a `model_type` key in its config.json",
+        prepare=_edit_json("model/config.json", lambda c: c.pop("model_type")), argv=lambda w: _quantize(w)),
+    Bad("checkpoint config.json edited", "ckpt/config.json does not match the SHA-256",
+        prepare=_write("ckpt/config.json", "{not json"), argv=lambda w: _eval("ckpt")),
+    Bad("checkpoint config.json not JSON", "ckpt/config.json is not valid JSON",
+        prepare=_write("ckpt/config.json", "{not json"), argv=lambda w: _eval("ckpt", "--no-verify")),
+    Bad("checkpoint config.json without model_type", "ckpt/config.json has no 'model_type'",
+        prepare=_edit_json("ckpt/config.json", lambda c: c.pop("model_type")),
+        argv=lambda w: _eval("ckpt", "--no-verify")),
+    Bad("lowbit.json not JSON", "lowbit.json is not valid JSON", prepare=_write("ckpt/lowbit.json", '{"layers": '),
+        argv=lambda w: _eval("ckpt")),
+    Bad("GGUF with a missing tensor", "tensors do not match the 'llama' architecture",
+        prepare=_bad_gguf(drop="blk.1.ffn_down.weight"),
+        argv=lambda w: ["quantize", "bad.gguf", "--calib", str(w.text), *CALIB_ARGS, "--no-eval", "--quiet"]),
+    Bad("GGUF with a mis-shaped tensor", "bad.gguf: its tensors do not match",
+        prepare=_bad_gguf(halve="blk.0.attn_q.weight"),
+        call=lambda w: lowbit.models.load_model("bad.gguf")),
+    Bad("export of a damaged checkpoint", STALE, prepare=_set_tensor("ckpt", Q_SCALE, (3, 0), float("nan")),
+        argv=lambda w: ["export", "ckpt", "--format", "gguf", "--out", "x"]),
+    Bad("export of a damaged checkpoint: --no-verify", f"{Q_SCALE} has 1 NaN value",
+        prepare=_set_tensor("ckpt", Q_SCALE, (3, 0), float("nan")),
+        argv=lambda w: ["export", "ckpt", "--format", "gguf", "--out", "x", "--no-verify"]),
+    Bad("export of a model with a NaN scale", "cannot export to gguf: model.layers.0.self_attn.q_proj.weight_scale",
+        call=lambda w: _export_nan_model(w)),
+]  # fmt: skip
+
+
+def _export_nan_model(w: World) -> None:
+    """``export_model`` on an in-memory model whose scale went NaN after loading."""
+    from lowbit import api
+
+    model, tok, _ = api.load_quantized(w.ckpt)
+    model.get_submodule("model.layers.0.self_attn.q_proj").qweight.scale[0, 0] = torch.nan
+    api.export_model(model, tok, "gguf", w.root / "x")
+
 
 # --- data and numerics --------------------------------------------------------------------------------
 ROWS_DATA: list[Bad] = [

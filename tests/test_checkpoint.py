@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -152,11 +153,15 @@ def test_bfloat16_model_round_trip(tmp_path: Path) -> None:
     assert torch.equal(_logits(loaded), _logits(model))
 
 
-def test_tokenizer_is_saved_and_loaded(tmp_path: Path) -> None:
+def _word_tokenizer() -> PreTrainedTokenizerFast:
     vocab = {f"w{i}": i for i in range(255)} | {"[UNK]": 255}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+
+
+def test_tokenizer_is_saved_and_loaded(tmp_path: Path) -> None:
+    tok = _word_tokenizer()
     model, report = _quantized("w4a16")
     out = api.save_quantized(model, tok, tmp_path / "q", report)
     _, tok2, _ = checkpoint.load_quantized(out)
@@ -269,9 +274,9 @@ def _damaged_copy(saved: Path, tmp_path: Path) -> Path:
     return out
 
 
-def _load_error(path: Path, *fragments: str) -> None:
+def _load_error(path: Path, *fragments: str, verify: bool = True) -> None:
     with pytest.raises(LowbitError) as info:
-        checkpoint.load_quantized(path)
+        checkpoint.load_quantized(path, verify=verify)
     for fragment in fragments:
         assert fragment in str(info.value), (fragment, str(info.value))
 
@@ -311,7 +316,8 @@ def test_load_missing_tensor(saved: Path, tmp_path: Path) -> None:
     tensors = load_file(str(out / checkpoint.WEIGHTS_FILE))
     del tensors[name]
     save_file(tensors, str(out / checkpoint.WEIGHTS_FILE))
-    _load_error(out, "missing tensor", name)
+    _load_error(out, "does not match the SHA-256", checkpoint.WEIGHTS_FILE)
+    _load_error(out, "missing tensor", name, verify=False)
 
 
 def test_load_metadata_disagrees_with_file(saved: Path, tmp_path: Path) -> None:
@@ -328,7 +334,7 @@ def test_load_missing_float_tensor(saved: Path, tmp_path: Path) -> None:
     tensors = load_file(str(out / checkpoint.WEIGHTS_FILE))
     del tensors["model.norm.weight"]
     save_file(tensors, str(out / checkpoint.WEIGHTS_FILE))
-    _load_error(out, "does not match its config", "model.norm.weight")
+    _load_error(out, "does not match its config", "model.norm.weight", verify=False)
 
 
 def test_load_layer_the_model_does_not_have(saved: Path, tmp_path: Path) -> None:
@@ -382,3 +388,67 @@ def test_plain_transformers_refuses_a_lowbit_checkpoint(tmp_path: Path) -> None:
     out = api.save_quantized(model, None, tmp_path / "q", report)
     with pytest.raises(OSError):
         AutoModelForCausalLM.from_pretrained(out)
+
+
+# ---- file hashes (values: test_verify.py) ---------------------------------------------------------
+
+
+def test_hashes_are_recorded_for_every_file_written(tmp_path: Path) -> None:
+    model, report = _quantized("w4a16-asym")
+    out = api.save_quantized(model, _word_tokenizer(), tmp_path / "q", report)
+    meta = json.loads((out / checkpoint.META_FILE).read_text())
+    written = {p.name for p in out.iterdir()} - {checkpoint.META_FILE}
+    assert set(meta["sha256"]) == written and {"config.json", checkpoint.WEIGHTS_FILE} <= written
+    assert any(name.startswith("tokenizer") for name in written)
+    for name, digest in meta["sha256"].items():
+        assert digest == hashlib.sha256((out / name).read_bytes()).hexdigest(), name
+    checkpoint.load_quantized(out)  # and they verify
+
+
+@pytest.mark.parametrize("name", ["config.json", checkpoint.WEIGHTS_FILE])
+def test_changed_or_missing_file_is_named(saved: Path, tmp_path: Path, name: str) -> None:
+    out = _damaged_copy(saved, tmp_path)
+    if name == "config.json":
+        with open(out / name, "a") as f:
+            f.write(" ")  # harmless to the parser, caught by the hash
+    else:  # the same tensors with other header metadata
+        save_file(load_file(str(out / name)), str(out / name), metadata={"edited": "yes"})
+    _load_error(out, f"{out / name} does not match the SHA-256", "damaged", "--no-verify")
+    checkpoint.load_quantized(out, verify=False)  # the edit was harmless
+    (out / name).unlink()
+    _load_error(out, f"{out / name} is missing", "damaged")
+
+
+def test_verify_false_skips_only_the_hash_check(saved: Path, tmp_path: Path) -> None:
+    out = _damaged_copy(saved, tmp_path)
+    name = "model.layers.0.self_attn.q_proj.weight_scale"
+    tensors = load_file(str(out / checkpoint.WEIGHTS_FILE))
+    tensors[name][3, 0] = float("nan")
+    save_file(tensors, str(out / checkpoint.WEIGHTS_FILE))
+    _load_error(out, "does not match the SHA-256")
+    _load_error(out, f"{name} has 1 NaN value", verify=False)
+    from lowbit.verify import hashes_unchecked
+
+    with hashes_unchecked():  # what `lowbit bench --no-verify` uses
+        _load_error(out, f"{name} has 1 NaN value")
+
+
+def test_checkpoint_without_hashes_loads_silently(saved: Path, tmp_path: Path, recwarn: Any) -> None:
+    """Checkpoints written before hashes were recorded: nothing to verify, no warning."""
+    out = _damaged_copy(saved, tmp_path)
+    meta = json.loads((out / checkpoint.META_FILE).read_text())
+    del meta["sha256"]
+    (out / checkpoint.META_FILE).write_text(json.dumps(meta))
+    loaded, _, _ = checkpoint.load_quantized(out)
+    assert isinstance(loaded.model.layers[0].self_attn.k_proj, QuantLinear)
+    assert not [w for w in recwarn if "lowbit" in str(w.filename)]
+
+
+def test_malformed_hash_table_is_damage(saved: Path, tmp_path: Path) -> None:
+    out = _damaged_copy(saved, tmp_path)
+    meta = json.loads((out / checkpoint.META_FILE).read_text())
+    for table in ({"../../etc/passwd": "0" * 64}, ["config.json"]):
+        meta["sha256"] = table
+        (out / checkpoint.META_FILE).write_text(json.dumps(meta))
+        _load_error(out, checkpoint.META_FILE, "damaged")
+    checkpoint.load_quantized(out, verify=False)

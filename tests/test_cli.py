@@ -330,6 +330,8 @@ def test_eval_checkpoint_without_tokenizer(setup: Setup, tmp_path: Path, capsys:
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         (bare / name).unlink(missing_ok=True)
     argv = ["eval", str(bare), "--data", str(setup.text), *EVAL_ARGS, "--json", "--quiet"]
+    _assert_usage_error(main(argv), capsys.readouterr().err, "tokenizer.json is missing", "--no-verify")
+    argv.append("--no-verify")  # removed on purpose
     rc = main(argv)
     _assert_usage_error(rc, capsys.readouterr().err, "no tokenizer files", "--baseline")
     assert main([*argv, "--baseline", str(setup.model)]) == 0  # the baseline's tokenizer is used

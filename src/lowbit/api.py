@@ -105,12 +105,13 @@ def save_quantized(
         raise LowbitError(f"could not write {out_dir} ({exc})") from exc
 
 
-def load_any(spec: str, *, trust_remote_code: bool = False) -> tuple[nn.Module, Any]:
-    """A lowbit checkpoint directory, or anything ``load_model`` accepts: (model, tokenizer).
+def load_any(spec: str, *, trust_remote_code: bool = False, verify: bool = True) -> tuple[nn.Module, Any]:
+    """A lowbit checkpoint directory (its file hashes checked unless ``verify=False``), or
+    anything ``load_model`` accepts: (model, tokenizer).
 
     A model whose repository needs its own code to load is refused unless ``trust_remote_code``."""
     if is_quantized_dir(spec):
-        model, tok, _ = load_quantized(spec, trust_remote_code=trust_remote_code)
+        model, tok, _ = load_quantized(spec, trust_remote_code=trust_remote_code, verify=verify)
         return model, tok
     return load_model(spec, trust_remote_code=trust_remote_code)
 

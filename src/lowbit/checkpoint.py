@@ -13,6 +13,9 @@ provenance, and per quantized layer its shape and specs). For a quantized linear
 
 Every other tensor keeps its state-dict name. Writes go to a temporary directory that is
 renamed into place only when complete, so an existing output is never half-overwritten.
+
+``lowbit.json`` also records the SHA-256 of every other file written (``"sha256"``), and loading
+checks them and every number (``lowbit.verify``).
 """
 
 from __future__ import annotations
@@ -38,6 +41,15 @@ from lowbit.packing import pack_bits, packed_nbytes, unpack_bits
 from lowbit.primitives import group_index, symmetric_zero_point
 from lowbit.qweight import QuantizedWeight
 from lowbit.scheme import QuantSpec, spec_from_dict, to_dict
+from lowbit.verify import (
+    HASH_KEY,
+    check_config_file,
+    check_model,
+    hash_files,
+    hashes_checked,
+    list_files,
+    verify_hashes,
+)
 
 FORMAT_VERSION = 1
 META_FILE = "lowbit.json"
@@ -163,10 +175,12 @@ def save_quantized(
     meta.update(format_version=FORMAT_VERSION, layers=layers, kv_cache=kv_spec)
 
     with atomic_dir(out, overwrite) as tmp:
+        present = list_files(tmp)  # files other code put there (markers) are not ours to hash
         model.config.save_pretrained(tmp)  # type: ignore[union-attr, operator]
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "lowbit": str(FORMAT_VERSION)})
+        meta[HASH_KEY] = hash_files(tmp, list_files(tmp) - present)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
     return out
 
@@ -175,24 +189,35 @@ def is_quantized_dir(path: str | Path) -> bool:
     return (Path(path) / META_FILE).is_file()
 
 
-def load_quantized(path: str | Path, *, trust_remote_code: bool = False) -> tuple[nn.Module, Any, dict[str, Any]]:
+def load_quantized(
+    path: str | Path, *, trust_remote_code: bool = False, verify: bool = True
+) -> tuple[nn.Module, Any, dict[str, Any]]:
     """Load a checkpoint written by ``save_quantized``: (model, tokenizer, lowbit metadata).
 
-    A config that needs the model repository's own code is refused unless ``trust_remote_code``."""
+    ``verify=False`` skips comparing the files with the hashes in ``lowbit.json`` (for a
+    checkpoint edited on purpose); the values are checked either way. A config that needs the
+    model repository's own code is refused unless ``trust_remote_code``.
+    """
     p = Path(path)
     if not is_quantized_dir(p):
         raise LowbitError(f"{p} is not a lowbit checkpoint (no {META_FILE}); quantize a model first")
     try:
         meta = json.loads((p / META_FILE).read_text())
-        tensors = load_file(str(p / WEIGHTS_FILE))
-    except (OSError, json.JSONDecodeError, SafetensorError) as e:
-        raise LowbitError(f"{p} is damaged or incomplete ({e}); quantize again") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LowbitError(f"{p / META_FILE} is not valid JSON ({e}); the checkpoint is damaged, quantize again") from e
     if not isinstance(meta, dict):
         raise LowbitError(f"{p}/{META_FILE} is not a JSON object; the checkpoint is damaged, quantize again")
+    if verify and hashes_checked():
+        verify_hashes(p, meta)
+    try:
+        tensors = load_file(str(p / WEIGHTS_FILE))
+    except (OSError, SafetensorError) as e:
+        raise LowbitError(f"{p / WEIGHTS_FILE} is damaged or incomplete ({e}); quantize again") from None
     if meta.get("format_version") != FORMAT_VERSION:
         raise LowbitError(f"{p} has lowbit format {meta.get('format_version')}, this lowbit reads {FORMAT_VERSION}")
     if not isinstance(meta.get("layers"), dict):
         raise LowbitError(f"{p}/{META_FILE} has no 'layers' table; the checkpoint is damaged, quantize again")
+    check_config_file(p / "config.json")
     with no_remote_code(p, trust_remote_code), init_empty_weights():
         config = AutoConfig.from_pretrained(p, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
@@ -233,6 +258,10 @@ def load_quantized(path: str | Path, *, trust_remote_code: bool = False) -> tupl
     still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if still_meta or unexpected:
         raise LowbitError(f"{p} does not match its config: missing {still_meta[:5]}, unexpected {unexpected[:5]}")
+    try:
+        check_model(model)
+    except LowbitError as e:
+        raise LowbitError(f"{p}: {e}; the checkpoint is damaged, quantize again") from None
     model.eval()
     tokenizer = None
     if (p / "tokenizer_config.json").exists():

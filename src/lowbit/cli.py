@@ -67,6 +67,15 @@ def _add_trust(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_no_verify(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="do not compare a lowbit checkpoint's files with the SHA-256 hashes in its lowbit.json (for a "
+        "checkpoint edited on purpose); its values are still checked",
+    )
+
+
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--eval-windows",
@@ -170,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", default="demo", help="evaluation text (same forms as --calib; default demo)")
     _add_trust(e)
     _add_data_args(e)
+    _add_no_verify(e)
 
     x = sub.add_parser(
         "export",
@@ -190,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     _add_trust(x)
     x.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_no_verify(x)
 
     _add_run_parsers(sub)
     ps = sub.add_parser(
@@ -227,6 +238,7 @@ def _add_run_parsers(sub: Any) -> None:
     r.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all cores)")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_trust(r)
+    _add_no_verify(r)
 
     b = sub.add_parser(
         "bench",
@@ -250,6 +262,7 @@ def _add_run_parsers(sub: Any) -> None:
     b.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
     b.add_argument("--quiet", action="store_true", help="no progress messages")
     _add_trust(b)
+    _add_no_verify(b)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -304,6 +317,7 @@ def _export(args: argparse.Namespace) -> int:
         parse_options(args.opt),
         args.overwrite,
         trust_remote_code=args.trust_remote_code,
+        verify=not args.no_verify,
     )
     print(f"wrote {result.format} to {result.out}: {', '.join(result.files)}")
     for note in result.notes:
@@ -320,7 +334,7 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tok = api.load_any(args.model, trust_remote_code=args.trust_remote_code)
+    model, tok = api.load_any(args.model, trust_remote_code=args.trust_remote_code, verify=not args.no_verify)
     if tok is None:
         raise LowbitError(f"{args.model} has no tokenizer files; save the model with its tokenizer to run prompts")
     kernels = args.kernels
@@ -354,7 +368,10 @@ def _int_list(text: str, what: str) -> tuple[int, ...]:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    from contextlib import nullcontext
+
     from lowbit.speed import BenchSettings, bench, format_bench
+    from lowbit.verify import hashes_unchecked
 
     settings = BenchSettings(
         prompt_len=args.prompt_len,
@@ -368,7 +385,8 @@ def _bench(args: argparse.Namespace) -> int:
     )
     settings.check()
     log = None if args.quiet else (lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
-    result = bench(args.model, settings, log)
+    with hashes_unchecked() if args.no_verify else nullcontext():  # bench loads the checkpoint itself
+        result = bench(args.model, settings, log)
     print(json.dumps(result.to_dict(), indent=1) if args.json else format_bench(result))
     return 0
 
@@ -493,10 +511,12 @@ def _quantize(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from lowbit import api
 
-    model, tok = api.load_any(args.model, trust_remote_code=args.trust_remote_code)
+    model, tok = api.load_any(args.model, trust_remote_code=args.trust_remote_code, verify=not args.no_verify)
     baseline = None
     if args.baseline:
-        baseline, base_tok = api.load_any(args.baseline, trust_remote_code=args.trust_remote_code)
+        baseline, base_tok = api.load_any(
+            args.baseline, trust_remote_code=args.trust_remote_code, verify=not args.no_verify
+        )
         tok = tok or base_tok
     if tok is None:
         raise LowbitError(f"{args.model} has no tokenizer files; give --baseline so its tokenizer can be used")

@@ -17,8 +17,10 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -51,6 +53,23 @@ def no_remote_code(spec: str | Path, trust_remote_code: bool) -> Iterator[None]:
             "to load; lowbit does not run it unless you ask: pass --trust-remote-code (trust_remote_code=True in "
             "Python) if you trust that code"
         ) from None
+
+
+def _is_size_mismatch(exc: Exception) -> bool:
+    """transformers' refusal of tensors whose shapes do not fit the config (a RuntimeError)."""
+    return isinstance(exc, RuntimeError) and "mismatched_sizes" in str(exc)
+
+
+def _damaged_weight_files(directory: Path) -> list[str]:
+    """The ``*.safetensors`` files in ``directory`` whose header or length is broken."""
+    damaged = []
+    for f in sorted(directory.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            damaged.append(f"{f} ({exc})")
+    return damaged
 
 
 def load_model(
@@ -104,7 +123,20 @@ def _load_pretrained(
         with no_remote_code(spec, trust_remote_code):
             model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code)
             tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError, RuntimeError) as exc:
+        if isinstance(exc, RuntimeError) and not _is_size_mismatch(exc):
+            raise
+        if isinstance(exc, SafetensorError):
+            files = "; ".join(_damaged_weight_files(Path(name))) if is_local else ""
+            raise LowbitError(
+                f"the model in {spec!r} has a damaged weight file: {files or exc}; it may be truncated, copy or "
+                "download it again (for a Hub id: delete it from the Hugging Face cache)"
+            ) from exc
+        if _is_size_mismatch(exc):
+            raise LowbitError(
+                f"the weights of {spec!r} do not match the shapes its config.json describes (transformers' load "
+                "report above lists them); the files belong to different models"
+            ) from exc
         if is_local:
             raise LowbitError(f"could not load the model in {spec!r}: {exc}") from exc
         raise LowbitError(
@@ -158,15 +190,24 @@ def _check_magic(path: Path) -> None:
 def _convert_gguf(path: Path, target: Path) -> None:
     """Dequantize ``path`` with transformers and save it as an HF directory at ``target`` atomically."""
     _check_magic(path)
+    model: PreTrainedModel
+    info: dict[str, Any]  # from output_loading_info
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model, info = AutoModelForCausalLM.from_pretrained(  # type: ignore[misc]
             str(path.parent),
             gguf_file=path.name,
+            output_loading_info=True,  # weights the file lacks would be random: refused below
             dtype=torch.float32,
             quantization_config=GgufConfig(dequantize=True),
             trust_remote_code=False,  # a GGUF file carries no code
         )
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
+    except RuntimeError as exc:
+        if not _is_size_mismatch(exc):
+            raise
+        raise _tensors_do_not_match(
+            path, "some have other shapes than the architecture needs; transformers' load report above lists them"
+        ) from exc
     except _GGUF_ERRORS as exc:
         message = str(exc)
         if isinstance(exc, ValueError) and "architecture" in message and "not supported" in message:
@@ -180,6 +221,9 @@ def _convert_gguf(path: Path, target: Path) -> None:
             f"{path} is not a valid GGUF file ({type(exc).__name__}: {message}); it may be truncated or "
             "corrupt: download it again"
         ) from exc
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise _tensors_do_not_match(path, f"{len(missing)} missing, e.g. {', '.join(missing[:3])}")
     _strip_gguf_quantization(model)
     target.parent.mkdir(parents=True, exist_ok=True)
     part = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent))
@@ -197,6 +241,14 @@ def _convert_gguf(path: Path, target: Path) -> None:
     finally:
         if part.exists():
             shutil.rmtree(part, ignore_errors=True)
+
+
+def _tensors_do_not_match(path: Path, detail: str) -> LowbitError:
+    arch = _gguf_architecture(path) or "unknown"
+    return LowbitError(
+        f"{path}: its tensors do not match the {arch!r} architecture its metadata declares ({detail}); the file is "
+        "damaged or was written wrongly: download or convert it again"
+    )
 
 
 def _strip_gguf_quantization(model: PreTrainedModel) -> None:

@@ -20,6 +20,7 @@ from torch import nn
 from lowbit.errors import LowbitError
 from lowbit.export.base import Exporter, ExportResult, check_options, refusal
 from lowbit.outdir import atomic_dir, check_free
+from lowbit.verify import check_model
 
 # format name -> (module, attribute) of its Exporter instance
 EXPORTERS: dict[str, tuple[str, str]] = {
@@ -58,13 +59,18 @@ def export_model(
 ) -> ExportResult:
     """Write ``model`` (with QuantLinear layers) to ``out`` in format ``fmt``.
 
-    Everything is checked before anything is written; the output appears only when complete.
+    Everything is checked before anything is written (the options, every scale and float tensor
+    finite, what the format can hold); the output appears only when complete.
     """
     exporter = get_exporter(fmt)
     options = dict(options or {})
     check_options(exporter, options)
     out = Path(out)
     check_free(out, overwrite)
+    try:
+        check_model(model)
+    except LowbitError as e:
+        raise LowbitError(f"cannot export to {fmt}: {e}; nothing was written") from None
     problems = exporter.check(model, options)
     if problems:
         raise refusal(fmt, problems, exporter.refusal_hint)
@@ -82,8 +88,10 @@ def export_checkpoint(
     overwrite: bool = False,
     *,
     trust_remote_code: bool = False,
+    verify: bool = True,
 ) -> ExportResult:
-    """Export a lowbit checkpoint directory (written by ``lowbit quantize``)."""
+    """Export a lowbit checkpoint directory (written by ``lowbit quantize``), loaded and checked
+    by ``load_quantized`` (``verify=False`` skips its file hashes, not its value checks)."""
     from lowbit.checkpoint import is_quantized_dir, load_quantized
 
     get_exporter(fmt)  # an unknown format fails before anything else
@@ -94,7 +102,7 @@ def export_checkpoint(
         raise LowbitError(f"{src} is not a lowbit checkpoint (no lowbit.json); quantize the model first")
     if Path(out).resolve() == src.resolve():
         raise LowbitError("--out is the checkpoint itself; choose another directory")
-    model, tokenizer, _ = load_quantized(src, trust_remote_code=trust_remote_code)
+    model, tokenizer, _ = load_quantized(src, trust_remote_code=trust_remote_code, verify=verify)
     return export_model(model, tokenizer, fmt, out, options, overwrite)
 
 
