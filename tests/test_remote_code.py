@@ -95,11 +95,13 @@ def test_checkpoint_with_remote_config_is_refused(tmp_path: Path, no_prompt: Non
     remote, sentinel = _remote_model(tmp_path)
     (ckpt / "config.json").write_text((remote / "config.json").read_text())
     (ckpt / "modeling_x.py").write_text((remote / "modeling_x.py").read_text())
-    with pytest.raises(LowbitError) as exc:
+    with pytest.raises(LowbitError, match="does not match the SHA-256"):  # an edited checkpoint is refused first
         checkpoint.load_quantized(ckpt)
+    with pytest.raises(LowbitError) as exc:
+        checkpoint.load_quantized(ckpt, verify=False)
     _assert_refused(exc, sentinel)
     with pytest.raises(LowbitError) as exc:
-        api.load_any(str(ckpt))
+        api.load_any(str(ckpt), verify=False)
     _assert_refused(exc, sentinel)
 
 
@@ -129,7 +131,7 @@ def test_cli_refuses_remote_code(tmp_path: Path, no_prompt: None, capsys: pytest
 def test_flag_reaches_the_loader(argv: list[str], target: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[bool] = []
 
-    def loader(spec: str, *, trust_remote_code: bool = False) -> Any:
+    def loader(spec: str, *, trust_remote_code: bool = False, verify: bool = True) -> Any:
         seen.append(trust_remote_code)
         raise LowbitError("stop here")
 
@@ -150,7 +152,7 @@ def test_bench_and_export_take_the_flag(monkeypatch: pytest.MonkeyPatch, tmp_pat
         seen.append(settings.trust_remote_code)
         raise LowbitError("stop here")
 
-    def export_checkpoint(*_args: Any, trust_remote_code: bool = False) -> Any:
+    def export_checkpoint(*_args: Any, trust_remote_code: bool = False, verify: bool = True) -> Any:
         seen.append(trust_remote_code)
         raise LowbitError("stop here")
 
