@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import sys
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -335,6 +338,38 @@ def default_out_dir(model: str, recipe_name: str) -> Path:
     return Path("lowbit-out") / f"{name}-{recipe_name}"
 
 
+def _preflight(args: argparse.Namespace, recipe: Any, out: Path) -> None:
+    """Everything that can be checked before the weights or the text are read: the text sources
+    exist, the recipe fits the model's layers (from its config alone), the disk has room."""
+    from lowbit import preflight
+    from lowbit.data import check_source
+
+    for source in dict.fromkeys([args.calib, *([] if args.no_eval else [args.eval_data or args.calib])]):
+        check_source(source)
+    skeleton = preflight.skeleton(args.model)
+    preflight.check_recipe(recipe, skeleton)
+    preflight.check_disk(out, preflight.estimate_output_bytes(recipe, skeleton))
+
+
+@contextlib.contextmanager
+def _printed_warnings() -> Iterator[None]:
+    """lowbit's own warnings as ``lowbit: warning: ...`` lines on stderr; others as Python prints them."""
+    from lowbit.data import LowbitWarning
+
+    with warnings.catch_warnings():
+        show = warnings.showwarning
+
+        def printer(message: Any, category: type[Warning], *rest: Any, **kw: Any) -> None:
+            if issubclass(category, LowbitWarning):
+                print(f"lowbit: warning: {message}", file=sys.stderr)
+            else:
+                show(message, category, *rest, **kw)
+
+        warnings.simplefilter("always", LowbitWarning)
+        warnings.showwarning = printer
+        yield
+
+
 def _quantize(args: argparse.Namespace) -> int:
     from lowbit import api
     from lowbit.checkpoint import WEIGHTS_FILE
@@ -350,12 +385,16 @@ def _quantize(args: argparse.Namespace) -> int:
     overwrite = args.overwrite or (args.out is None and api.is_quantized_dir(out))
     if out.exists() and not overwrite:
         raise LowbitError(f"output {out} already exists; choose another --out or pass --overwrite")
+    _preflight(args, recipe, out)
     model, tok = api.load_model(args.model)
-    calib = api.calibration_samples(tok, args.calib, n_samples=args.samples, seq_len=args.seq_len, seed=args.seed)
+    with _printed_warnings():
+        calib = api.calibration_samples(tok, args.calib, n_samples=args.samples, seq_len=args.seq_len, seed=args.seed)
     # the evaluation text is read before quantizing, so a bad --eval-data fails before any work is done
     windows = None if args.no_eval else _windows(tok, args, args.eval_data or args.calib)
     baseline = None if windows is None else copy.deepcopy(model)
     report = api.quantize(model, recipe, calib, batch_size=args.batch_size, progress=not args.quiet)
+    for warning in report.warnings:
+        print(f"lowbit: warning: {warning}", file=sys.stderr)
     api.save_quantized(model, tok, out, report, overwrite=overwrite)
     size = (out / WEIGHTS_FILE).stat().st_size
     summary: dict[str, Any] = {
