@@ -137,8 +137,9 @@ def check_recipe(recipe: Recipe, model: nn.Module) -> None:
     targeted = targeted_layers(model, recipe)
     if not targeted and (recipe.scheme.weights or recipe.scheme.input_activations):
         raise LowbitError(
-            f"the recipe's targets {list(recipe.scheme.targets)} select no linear layer inside the decoder blocks; "
-            f"the model's linear layers are {layer_summary(list(linears))}"
+            f"the recipe quantizes no linear layer inside the decoder blocks (targets {list(recipe.scheme.targets)}, "
+            f"ignore {list(recipe.scheme.ignore)}, overrides); the model's linear layers are "
+            f"{layer_summary(list(linears))}"
         )
     _check_groups(targeted)
 
