@@ -283,3 +283,16 @@ def test_zero_hessian_falls_back_to_rtn(method: str) -> None:
         entries["model.layers.0.mlp.gate_proj"].fallback is None
         and "gptq_loss" in entries["model.layers.0.mlp.gate_proj"].extra
     )
+
+
+def test_skeleton_of_a_gguf_reads_its_metadata_without_converting(tmp_path: Path) -> None:
+    from test_export_gguf import build, export, quantized
+
+    model = quantized("llama", QuantSpec("int8", "channel", None))
+    path, _ = export(model, tmp_path / "gguf")
+    skel = preflight.skeleton(str(path))
+    assert not (lowbit.models.converted_dir(path)).exists()  # nothing converted, nothing cached
+    shapes = {n: tuple(m.weight.shape) for n, m in preflight.linear_layers(skel).items()}
+    want = {n: tuple(m.weight.shape) for n, m in preflight.linear_layers(build("llama", False, True)).items()}
+    assert len(want) == 15
+    assert {n: s for n, s in shapes.items() if n != "lm_head"} == {n: s for n, s in want.items() if n != "lm_head"}
