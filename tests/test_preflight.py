@@ -162,11 +162,11 @@ def test_api_quantize_refuses_before_any_calibration_pass(monkeypatch: pytest.Mo
 # --- the output's size and the disk ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("recipe", ["w4a16-rtn", "w8a8", "w4a16-asym"])
+@pytest.mark.parametrize("recipe", ["w4a16-rtn", "w8a8", "w4a16-asym", "w4a16-owq"])
 def test_estimate_is_close_to_the_real_file(tmp_path: Path, recipe: str) -> None:
     model = tiny_llama()
     skeleton_estimate = preflight.estimate_output_bytes(get_preset(recipe), model)
-    report = api.quantize(model, api.with_method(get_preset(recipe), "rtn"), token_ids(2, 16), progress=False)
+    report = api.quantize(model, get_preset(recipe), token_ids(2, 16), progress=False)
     api.save_quantized(model, byte_tokenizer(), tmp_path / "out", report)
     size = (tmp_path / "out" / WEIGHTS_FILE).stat().st_size
     assert 0.9 < skeleton_estimate / size < 1.1, (skeleton_estimate, size)

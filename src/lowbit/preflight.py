@@ -194,12 +194,9 @@ def _check_groups(targeted: dict[str, tuple[nn.Linear, QuantSpec | None, QuantSp
 def estimate_output_bytes(recipe: Recipe, model: nn.Module) -> int:
     """About how many bytes the checkpoint of ``model`` quantized with ``recipe`` takes: codes,
     scales and zero points of targeted weights, every other tensor in float32 (shared ones once)."""
-    targeted = {id(lin): w for lin, w, _ in targeted_layers(model, recipe).values()}
-    quantized: dict[int, QuantSpec] = {}
-    for m in model.modules():
-        if id(m) in targeted and targeted[id(m)] is not None:
-            assert isinstance(m, nn.Linear)
-            quantized[id(m.weight)] = targeted[id(m)]  # type: ignore[assignment]
+    quantized = {id(lin.weight): w for lin, w, _ in targeted_layers(model, recipe).values() if w is not None}
+    # OWQ's float16 columns: about ``extra_bits`` more bits per quantized weight
+    extra_bits = max((float(s.params.get("extra_bits", 0.1)) for s in recipe.steps if s.name == "owq"), default=0.0)
     total = 0
     for p in dict.fromkeys(model.parameters()):  # tied weights count once
         spec = quantized.get(id(p))
@@ -209,7 +206,7 @@ def estimate_output_bytes(recipe: Recipe, model: nn.Module) -> int:
         out, inp = p.shape
         groups = {"tensor": 1, "channel": out}.get(spec.granularity, out * math.ceil(inp / (spec.group_size or inp)))
         params = 2 if spec.scale_dtype in ("float16", "bfloat16") else 4
-        total += math.ceil(p.numel() * spec.bits / 8) + groups * (params + (0 if spec.symmetric else 4))
+        total += math.ceil(p.numel() * (spec.bits + extra_bits) / 8) + groups * (params + (0 if spec.symmetric else 4))
     return total + sum(b.numel() * b.element_size() for b in model.buffers())
 
 
