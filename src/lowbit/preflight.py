@@ -175,11 +175,13 @@ def _check_groups(targeted: dict[str, tuple[nn.Linear, QuantSpec | None, QuantSp
         return
     lines = []
     for gs in sorted({g for g, _ in bad}):
-        parts = []
+        small, large = [], []  # widths the groups do not divide, widths smaller than one group
         for (g, width), names in sorted(bad.items()):
             if g == gs:
-                verb = "are larger than" if gs > width else "do not divide"
-                parts.append(f"{verb} the {width} input columns of {len(names)} layer(s) (e.g. {names[0]})")
+                phrase = f"the {width} input columns of {len(names)} layer(s) (e.g. {names[0]})"
+                (large if gs > width else small).append(phrase)
+        parts = [f"do not divide {' or '.join(small)}"] if small else []
+        parts += [f"are larger than {' or '.join(large)}"] if large else []
         common = math.gcd(*widths[gs])
         fits = [c for c in _GROUP_CANDIDATES if common % c == 0 and c < gs][:2]
         hint = (
@@ -187,7 +189,7 @@ def _check_groups(targeted: dict[str, tuple[nn.Linear, QuantSpec | None, QuantSp
             if fits
             else "no usual group size divides every targeted width; use granularity 'channel'"
         )
-        lines.append(f"groups of {gs} {'; '.join(parts)}; {hint}")
+        lines.append(f"groups of {gs} {' and '.join(parts)}; {hint}")
     raise LowbitError("; ".join(lines) + " (lowbit quantizes whole groups only)")
 
 
