@@ -175,7 +175,8 @@ def _check_groups(targeted: dict[str, tuple[nn.Linear, QuantSpec | None, QuantSp
         return
     lines = []
     for gs in sorted({g for g, _ in bad}):
-        small, large = [], []  # widths the groups do not divide, widths smaller than one group
+        small: list[str] = []  # widths the groups do not divide
+        large: list[str] = []  # widths smaller than one group
         for (g, width), names in sorted(bad.items()):
             if g == gs:
                 phrase = f"the {width} input columns of {len(names)} layer(s) (e.g. {names[0]})"
