@@ -338,19 +338,6 @@ def default_out_dir(model: str, recipe_name: str) -> Path:
     return Path("lowbit-out") / f"{name}-{recipe_name}"
 
 
-def _preflight(args: argparse.Namespace, recipe: Any, out: Path) -> None:
-    """Everything that can be checked before the weights or the text are read: the text sources
-    exist, the recipe fits the model's layers (from its config alone), the disk has room."""
-    from lowbit import preflight
-    from lowbit.data import check_source
-
-    for source in dict.fromkeys([args.calib, *([] if args.no_eval else [args.eval_data or args.calib])]):
-        check_source(source)
-    skeleton = preflight.skeleton(args.model)
-    preflight.check_recipe(recipe, skeleton)
-    preflight.check_disk(out, preflight.estimate_output_bytes(recipe, skeleton))
-
-
 @contextlib.contextmanager
 def _printed_warnings() -> Iterator[None]:
     """lowbit's own warnings as ``lowbit: warning: ...`` lines on stderr; others as Python prints them."""
@@ -371,7 +358,7 @@ def _printed_warnings() -> Iterator[None]:
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    from lowbit import api
+    from lowbit import api, preflight
     from lowbit.checkpoint import WEIGHTS_FILE
     from lowbit.presets import DEFAULT_PRESET
 
@@ -385,7 +372,9 @@ def _quantize(args: argparse.Namespace) -> int:
     overwrite = args.overwrite or (args.out is None and api.is_quantized_dir(out))
     if out.exists() and not overwrite:
         raise LowbitError(f"output {out} already exists; choose another --out or pass --overwrite")
-    _preflight(args, recipe, out)
+    # everything checkable before the weights or the text are read (recipe vs the model's layers, disk, sources)
+    sources = [args.calib, *([] if args.no_eval else [args.eval_data or args.calib])]
+    preflight.check_quantize(args.model, recipe, out, sources)
     model, tok = api.load_model(args.model)
     with _printed_warnings():
         calib = api.calibration_samples(tok, args.calib, n_samples=args.samples, seq_len=args.seq_len, seed=args.seed)

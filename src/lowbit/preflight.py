@@ -5,6 +5,7 @@ takes a second even for a large model), so a pattern that matches no layer, a gr
 does not divide a layer's input width or a disk too small for the output is refused before the
 weights or the calibration text are loaded.
 
+- :func:`check_quantize`: all of the below, as ``lowbit quantize`` runs them.
 - :func:`skeleton`: the meta-device model of a ``load_model`` spec (Hub id, directory, GGUF, demo).
 - :func:`check_recipe`: the scheme's patterns and group sizes against the model's linear layers,
   with the pipeline's own target selection, so the check and the run agree.
@@ -28,6 +29,18 @@ from lowbit.scheme import QuantSpec, Recipe, Scheme, _matches
 # patterns lowbit puts in every scheme: a model without an ``lm_head`` module is not an error
 _DEFAULT_PATTERNS = {"targets": ("Linear",), "ignore": ("lm_head",)}
 _GROUP_CANDIDATES = (256, 128, 64, 32, 16)
+
+
+def check_quantize(model_spec: str, recipe: Recipe, out: str | Path, sources: list[str]) -> None:
+    """What ``lowbit quantize`` checks before loading anything: the text ``sources`` exist, the
+    recipe fits the model's layers (from its config alone), the disk has room for the output."""
+    from lowbit.data import check_source
+
+    for source in dict.fromkeys(sources):
+        check_source(source)
+    model = skeleton(model_spec)
+    check_recipe(recipe, model)
+    check_disk(out, estimate_output_bytes(recipe, model))
 
 
 def skeleton(spec: str) -> nn.Module:
