@@ -62,6 +62,21 @@ def _write(rel: str, text: str | bytes) -> Callable[[World], None]:
     return prepare
 
 
+def _w(field: str, extra: str = "") -> str:
+    """A recipe file: int4 group weights with one more field, and optionally another scheme line."""
+    weights = "format: int4, granularity: group" + (f", {field}" if field else "")
+    return f"scheme:\n  weights: {{{weights}}}\n" + (f"  {extra}\n" if extra else "")
+
+
+def _zero_first_norm(w: World) -> None:
+    """Layer 0's q/k/v (and so o) see only zeros: their GPTQ Hessians are all zero."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(w.model)
+    model.model.layers[0].input_layernorm.weight.data.zero_()
+    model.save_pretrained(w.model)
+
+
 # --- command line and recipes -----------------------------------------------------------------------
 ROWS_RECIPE: list[Bad] = [
     Bad("unknown preset", "unknown preset 'w5a5'", argv=lambda w: _quantize(w, "--preset", "w5a5")),
@@ -72,6 +87,39 @@ ROWS_RECIPE: list[Bad] = [
         argv=lambda w: _quantize(w, "--recipe", "r.yaml"),
     ),
     Bad("zero samples", "expected a positive integer", argv=lambda w: [*_quantize(w), "--samples", "0"]),
+    *(
+        Bad(id_, expect, prepare=_write("r.yaml", text), argv=lambda w: _quantize(w, "--recipe", "r.yaml"))
+        for id_, expect, text in [
+            ("group_size true", "scheme.weights.group_size: expected an integer, got true", _w("group_size: true")),
+            ("group_size a string", "group_size: expected an integer, got '64'", _w('group_size: "64"')),
+            ("symmetric a string", "symmetric: expected true or false, got 'yes'", _w('symmetric: "yes"')),
+            ("observer_args a list", "observer_args: expected a mapping", _w("observer_args: [0.2]")),
+            ("group size not dividing", "groups of 64 or 32 divide every targeted width", _w("group_size: 96")),
+            ("group size larger than a layer", "groups of 512 are larger than the 128 input", _w("group_size: 512")),
+            ("targets match nothing", "'attn.qq_proj' matches no linear layer", _w("", "targets: [attn.qq_proj]")),
+            (
+                "ignore entry matches nothing (layers listed)",
+                "'mlp.nope' matches no linear layer of the model; its linear layers are self_attn.q_proj, "
+                "self_attn.k_proj, self_attn.v_proj, self_attn.o_proj, mlp.gate_proj, mlp.up_proj, "
+                "mlp.down_proj, lm_head (e.g. model.layers.0.self_attn.q_proj)",
+                _w("", "ignore: [lm_head, mlp.nope]"),
+            ),
+            (
+                "override regex does not compile",
+                "'re:.*(down' is not a valid regular expression",
+                _w("", "overrides: [{pattern: 're:.*(down', weights: null}]"),
+            ),
+            (
+                "override pattern matches nothing",
+                "'re:.*down_proj_x' matches no linear layer",
+                _w("", "overrides: [{pattern: 're:.*down_proj_x', weights: null}]"),
+            ),
+            ("overrides not a list", "scheme.overrides: expected a list", _w("", "overrides: down_proj")),
+            ("override not a mapping", "overrides[0]: expected a mapping", _w("", "overrides: [down_proj]")),
+            ("recipe is a YAML list", "expected a mapping", "- preset: w4a16\n"),
+            ("recipe is not UTF-8", "is not utf-8 text", b"\xff\xfescheme:\n  weights: {}\n"),
+        ]
+    ),
 ]
 
 # --- where output goes ------------------------------------------------------------------------------
@@ -412,6 +460,46 @@ ROWS_DATA: list[Bad] = [
         "missing calibration file",
         "text source 'no-such.txt' does not exist",
         argv=lambda w: [*_quantize(w), "--calib", "no-such.txt"],
+    ),
+    Bad(
+        "missing evaluation file",
+        "text source 'no-eval.txt' does not exist",
+        argv=lambda w: ["quantize", str(w.model), "--calib", str(w.text), *CALIB_ARGS, "--eval-data", "no-eval.txt"],
+    ),
+    Bad(
+        "calibration text too short for distinct windows",
+        "only 9 distinct windows of 32 tokens; 16 were requested, so samples repeat",
+        prepare=_write("short.txt", " ".join(f"w{i}" for i in range(40))),
+        argv=lambda w: [*_quantize(w), "--calib", "short.txt", "--samples", "16", "--out", "short-out"],
+        code=0,
+    ),
+    Bad(
+        "empty calibration file",
+        "'empty.txt' is an empty file",
+        prepare=_write("empty.txt", ""),
+        argv=lambda w: [*_quantize(w), "--calib", "empty.txt"],
+    ),
+    Bad(
+        "calibration file of another kind",
+        "unsupported text file",
+        prepare=_write("calib.csv", "text\nw1 w2\n"),
+        argv=lambda w: [*_quantize(w), "--calib", "calib.csv"],
+    ),
+    Bad(
+        "calibration directory without .txt",
+        "contains no *.txt files",
+        prepare=_write("texts/a.md", "w1 w2"),
+        argv=lambda w: [*_quantize(w), "--calib", "texts"],
+    ),
+    Bad(
+        "unparsable datasets name", "cannot parse datasets name", argv=lambda w: [*_quantize(w), "--calib", "wikitext:"]
+    ),
+    Bad(
+        "layer that sees no input (zero Hessian)",
+        "model.layers.0.self_attn.q_proj: fallback: rtn (Hessian is all zero: the layer saw no input)",
+        prepare=_zero_first_norm,
+        argv=lambda w: _quantize(w, "--preset", "w4a16", "--out", "zero-out"),
+        code=0,
     ),
 ]
 

@@ -28,6 +28,7 @@ from lowbit.errors import LowbitError
 from lowbit.export import export_checkpoint, export_model
 from lowbit.export.gptq_packing import awq_pack_output_dim, gptq_pack_input_dim, gptq_pack_output_dim
 from lowbit.modules import QuantLinear
+from lowbit.pipeline import quantize_model
 from lowbit.qweight import quantize_weight
 from lowbit.scheme import Override, QuantSpec, Recipe, Scheme, Step
 
@@ -48,7 +49,8 @@ def _quantized(arch: str, scheme: Scheme, steps: tuple[Step, ...] = (Step("rtn")
     key = repr((arch, scheme, steps))
     if key not in _CACHE:
         model = BUILD[arch]()
-        api.quantize(model, Recipe(scheme, steps), token_ids(4, 16), batch_size=4, progress=False)
+        # the pipeline itself: refusal rows need grids (groups of 48 on 128 columns) that api.quantize refuses
+        quantize_model(model, Recipe(scheme, steps), token_ids(4, 16), batch_size=4, progress=False)
         _CACHE[key] = model
     return _CACHE[key]
 

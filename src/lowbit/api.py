@@ -85,8 +85,16 @@ def quantize(
     batch_size: int = defaults.BATCH_SIZE,
     progress: bool = True,
 ) -> RunReport:
-    """Quantize ``model`` in place; ``calib`` is (n, T) token ids from ``calibration_samples``."""
-    return quantize_model(model, resolve_recipe(recipe), calib, batch_size=batch_size, progress=progress)
+    """Quantize ``model`` in place; ``calib`` is (n, T) token ids from ``calibration_samples``.
+
+    The recipe is checked against the model's layers first (``preflight.check_recipe``: patterns
+    that match nothing, group sizes that do not divide a layer's width), before any calibration pass.
+    """
+    from lowbit.preflight import check_recipe
+
+    resolved = resolve_recipe(recipe)
+    check_recipe(resolved, model)
+    return quantize_model(model, resolved, calib, batch_size=batch_size, progress=progress)
 
 
 def save_quantized(

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
 import sys
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -452,10 +455,29 @@ def default_out_dir(model: str, recipe_name: str) -> Path:
     return out
 
 
+@contextlib.contextmanager
+def _printed_warnings() -> Iterator[None]:
+    """lowbit's own warnings as ``lowbit: warning: ...`` lines on stderr; others as Python prints them."""
+    from lowbit.data import LowbitWarning
+
+    with warnings.catch_warnings():
+        show = warnings.showwarning
+
+        def printer(message: Any, category: type[Warning], *rest: Any, **kw: Any) -> None:
+            if issubclass(category, LowbitWarning):
+                print(f"lowbit: warning: {message}", file=sys.stderr)
+            else:
+                show(message, category, *rest, **kw)
+
+        warnings.simplefilter("always", LowbitWarning)
+        warnings.showwarning = printer
+        yield
+
+
 def _quantize(args: argparse.Namespace) -> int:
     import torch
 
-    from lowbit import api
+    from lowbit import api, preflight
     from lowbit.checkpoint import WEIGHTS_FILE
     from lowbit.outdir import check_output, is_lowbit_output
     from lowbit.presets import DEFAULT_PRESET
@@ -467,18 +489,34 @@ def _quantize(args: argparse.Namespace) -> int:
         recipe = api.with_method(recipe, args.method)
     if args.group_size:
         recipe = with_group_size(recipe, args.group_size)
+    skeleton = preflight.skeleton(args.model)  # the model's layers from its config; no weights read
+    fitted = None if (args.recipe or args.preset or args.group_size) else preflight.fitting_group_size(recipe, skeleton)
+    if fitted:  # the default preset, on a model whose widths its groups do not divide
+        default_group = recipe.scheme.weights.group_size if recipe.scheme.weights else None
+        recipe = with_group_size(recipe, fitted)
+        print(
+            f"lowbit: note: groups of {default_group} do not divide this model's layer widths; the default runs "
+            f"{recipe.name} (groups of {fitted}); choose with --preset or --group-size",
+            file=sys.stderr,
+        )
     out = Path(args.out) if args.out else default_out_dir(args.model, recipe.name)
     # the default location holds lowbit's own earlier result for the same model and recipe (it
     # carries lowbit's marker), so a rerun replaces it (atomically); an explicit --out is only
     # replaced with --overwrite, and a directory lowbit did not write never is
     overwrite = args.overwrite or (args.out is None and is_lowbit_output(out))
     check_output(out, overwrite, model_dir=args.model)  # before the model and data are loaded
+    # everything checkable before the weights or the text are read (recipe vs the model's layers, disk, sources)
+    sources = [args.calib, *([] if args.no_eval else [args.eval_data or args.calib])]
+    preflight.check_quantize(args.model, recipe, out, sources, model=skeleton)
     model, tok = api.load_model(args.model, trust_remote_code=args.trust_remote_code)
-    calib = api.calibration_samples(tok, args.calib, n_samples=args.samples, seq_len=args.seq_len, seed=args.seed)
+    with _printed_warnings():
+        calib = api.calibration_samples(tok, args.calib, n_samples=args.samples, seq_len=args.seq_len, seed=args.seed)
     # the evaluation text is read before quantizing, so a bad --eval-data fails before any work is done
     windows = None if args.no_eval else _windows(tok, args, args.eval_data or args.calib)
     baseline = None if windows is None else copy.deepcopy(model)
     report = api.quantize(model, recipe, calib, batch_size=args.batch_size, progress=not args.quiet)
+    for warning in report.warnings:
+        print(f"lowbit: warning: {warning}", file=sys.stderr)
     api.save_quantized(model, tok, out, report, overwrite=overwrite)
     size = (out / WEIGHTS_FILE).stat().st_size
     summary: dict[str, Any] = {

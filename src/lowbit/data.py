@@ -33,6 +33,12 @@ from lowbit.cache import fetch_demo_text
 from lowbit.errors import LowbitError
 
 SPLITS = ("calib", "eval")
+
+
+class LowbitWarning(UserWarning):
+    """Something the user should know about the run that does not stop it (the CLI prints these)."""
+
+
 _FILE_SUFFIXES = {".txt", ".jsonl", ".json", ".csv", ".tsv", ".parquet", ".md", ".text", ".gz", ".zip"}
 
 
@@ -51,6 +57,47 @@ def load_texts(source: str, split: str = "calib") -> list[str]:
             "give an existing .txt/.jsonl file or directory, a datasets name, or 'demo'"
         )
     return _dataset_texts(source, split)
+
+
+def check_source(source: str) -> None:
+    """Refuse a text source that cannot be read, without reading it: a missing path, a file of the
+    wrong suffix, an empty file, a directory without ``.txt`` files, an unparsable ``datasets``
+    name, or ``datasets`` not installed. Cheap, so it runs before the model is loaded."""
+    if source == "demo":
+        return
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not any(p.is_file() for p in path.glob("*.txt")):
+            raise LowbitError(f"directory {path} contains no *.txt files; put the texts in .txt files")
+        return
+    if path.exists():
+        suffix = path.suffix.lower()
+        if suffix not in (".txt", ".jsonl"):
+            raise LowbitError(
+                f"unsupported text file {path} (suffix {suffix or 'none'!r}); use a .txt file, a .jsonl file "
+                "with a 'text' field per line, or a directory of .txt files"
+            )
+        try:
+            with open(path, "rb") as f:
+                empty = not f.read(1)
+        except OSError as exc:
+            raise LowbitError(f"cannot read {path} ({exc})") from exc
+        if empty:
+            raise LowbitError(f"text source {source!r} is an empty file; it needs text to calibrate on")
+        return
+    if _looks_like_path(source):
+        raise LowbitError(
+            f"text source {source!r} does not exist (resolved to {path.resolve()}); "
+            "give an existing .txt/.jsonl file or directory, a datasets name, or 'demo'"
+        )
+    _parse_dataset_name(source)
+    import importlib.util
+
+    if importlib.util.find_spec("datasets") is None:
+        raise LowbitError(
+            f"{source!r} is not a local file or directory, and reading it as a Hugging Face dataset needs "
+            "the datasets package: pip install 'lowbit[datasets]'"
+        )
 
 
 def _looks_like_path(source: str) -> bool:
@@ -211,14 +258,25 @@ def calibration_samples(
 
     Window starts are drawn uniformly (with replacement) by a ``torch.Generator`` seeded with
     ``seed``, so the result is deterministic per seed. Returns int64 of shape (n_samples, seq_len).
+    When the text has fewer distinct windows than ``n_samples``, a ``LowbitWarning`` says so
+    (samples must repeat; with more, random starts may still coincide, as in any random draw).
     """
     if n_samples <= 0:
         raise LowbitError(f"n_samples must be positive, got {n_samples}")
     if seq_len <= 1:
         raise LowbitError(f"seq_len must be at least 2, got {seq_len}")
     stream = _stream(tokenizer, source, "calib", seq_len + 1)
+    distinct = stream.numel() - seq_len + 1
+    if distinct < n_samples:
+        warnings.warn(
+            f"the calibration text {source!r} holds {stream.numel()} tokens: only {distinct} distinct windows "
+            f"of {seq_len} tokens; {n_samples} were requested, so samples repeat (give more text or a shorter "
+            "--seq-len)",
+            LowbitWarning,
+            stacklevel=2,
+        )
     gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, stream.numel() - seq_len + 1, (n_samples,), generator=gen)
+    starts = torch.randint(0, distinct, (n_samples,), generator=gen)
     index = starts[:, None] + torch.arange(seq_len)[None, :]
     return stream[index]
 

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from lowbit import defaults
 from lowbit.algorithms import Algorithm, BlockContext, build_algorithm
+from lowbit.algorithms.gptq import FALLBACKS
 from lowbit.archs import Arch, decoder_blocks, get_arch
 from lowbit.errors import LowbitError
 from lowbit.hooks import StopForward, replaced_forwards
@@ -47,6 +48,7 @@ class LayerReport:
     extra: dict[str, float] = field(default_factory=dict)
     # LLM.int8(): input dimensions kept in float on the calibration inputs, most frequent first (at most 16)
     outlier_dims: list[int] | None = None
+    fallback: str | None = None  # the quantizer fell back to another, e.g. "rtn (Hessian is all zero: ...)"
 
 
 @dataclass
@@ -57,6 +59,7 @@ class RunReport:
     seconds: float
     n_samples: int
     seq_len: int
+    warnings: list[str] = field(default_factory=list)  # what the user should know, e.g. layers that fell back
 
     def worst_layers(self, n: int) -> list[LayerReport]:
         """The ``n`` layers with the largest relative output error."""
@@ -71,6 +74,7 @@ class RunReport:
             "block_errors": self.block_errors,
             "seconds": self.seconds,
             "calibration": {"samples": self.n_samples, "seq_len": self.seq_len},
+            "warnings": self.warnings,
         }
 
 
@@ -163,7 +167,9 @@ def quantize_model(
     finally:
         status.close()
         bar.close()
-    return RunReport(recipe, layers, block_errors, time.perf_counter() - start, calib.shape[0], calib.shape[1])
+    warnings = [f"{r.name}: fallback: {r.fallback}" for r in layers if r.fallback]
+    seconds = time.perf_counter() - start
+    return RunReport(recipe, layers, block_errors, seconds, calib.shape[0], calib.shape[1], warnings)
 
 
 def _status(block_err: float, layers: list[LayerReport]) -> str:
@@ -231,6 +237,7 @@ def _quantize_block(
         wspec, aspec = specs[name]
         e, r = sums[name].tolist()
         extra = dict(ctx.stats.get(name, {}))
+        fallback = next((text for key, text in FALLBACKS.items() if extra.pop(key, 0.0)), None)
         outlier_dims = None
         if module.act is not None and aspec is not None and aspec.outlier_threshold is not None:
             extra.update(module.act.outlier_summary())  # counted on the quantized pass just run
@@ -246,6 +253,7 @@ def _quantize_block(
                 else module.weight.element_size() * 8.0,
                 extra=extra,
                 outlier_dims=outlier_dims,
+                fallback=fallback,
             )
         )
     num = sum(float((q - f).double().pow(2).sum()) for q, f in zip(quant_out, float_out, strict=True))

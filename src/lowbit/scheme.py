@@ -23,6 +23,24 @@ from lowbit.errors import LowbitError
 from lowbit.formats import Format, IntFormat, get_format
 from lowbit.primitives import SCALE_DTYPES
 
+
+class FieldError(LowbitError):
+    """A field of a spec with a value of the wrong type; readers prefix the field's path."""
+
+    def __init__(self, name: str, detail: str) -> None:
+        super().__init__(f"{name}: {detail}")
+        self.name, self.detail = name, detail
+
+
+def show(value: Any) -> str:
+    """A value as it would be written in YAML: ``true``, ``null``, ``'64'``, ``4``."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value is None:
+        return "null"
+    return repr(value)
+
+
 GRANULARITIES = ("tensor", "channel", "group", "token", "head")
 OBSERVER_NAMES = ("minmax", "moving_average", "percentile", "entropy", "mse")
 
@@ -55,6 +73,7 @@ class QuantSpec:
     outlier_threshold: float | None = field(default=None, metadata={"omit_if_default": True})
 
     def __post_init__(self) -> None:
+        self._check_types()
         fmt = get_format(self.format)
         if self.granularity not in GRANULARITIES:
             raise LowbitError(f"granularity {self.granularity!r} is not one of {list(GRANULARITIES)}")
@@ -73,6 +92,23 @@ class QuantSpec:
             raise LowbitError(f"scale_dtype {self.scale_dtype!r} is not one of {list(SCALE_DTYPES)}")
         if self.outlier_threshold is not None:
             self._check_outlier_threshold()
+
+    def _check_types(self) -> None:
+        """YAML gives ``true``, ``"64"`` or ``4`` where another type was meant; none of them may pass
+        as something else (``group_size: true`` would otherwise be groups of 1, bool being an int)."""
+        for name in ("format", "granularity", "observer", "scale_dtype"):
+            if not isinstance(getattr(self, name), str):
+                raise FieldError(name, f"expected a string, got {show(getattr(self, name))}")
+        for name in ("symmetric", "dynamic"):
+            if not isinstance(getattr(self, name), bool):
+                raise FieldError(name, f"expected true or false, got {show(getattr(self, name))}")
+        gs = self.group_size
+        if gs is not None and (isinstance(gs, bool) or not isinstance(gs, int)):
+            raise FieldError("group_size", f"expected an integer, got {show(gs)}")
+        if not isinstance(self.observer_args, Mapping):
+            raise FieldError(
+                "observer_args", f"expected a mapping such as {{maxshrink: 0.2}}, got {show(self.observer_args)}"
+            )
 
     def _check_outlier_threshold(self) -> None:
         t = self.outlier_threshold
@@ -136,6 +172,7 @@ class Scheme:
     overrides: tuple[Override, ...] = ()
 
     def __post_init__(self) -> None:
+        self._check_regexes()
         # the overrides' specs obey the same rules as the scheme's own
         pairs = [("", self.weights, self.input_activations)]
         pairs += [(f"override {o.pattern!r}: ", o.weights, o.input_activations) for o in self.overrides]
@@ -154,6 +191,17 @@ class Scheme:
             raise LowbitError(
                 "kv_cache cannot use outlier_threshold: float outlier dimensions are for input_activations"
             )
+
+    def _check_regexes(self) -> None:
+        """A ``re:`` pattern that does not compile would otherwise fail at the first layer, mid-run."""
+        lists = (("targets", self.targets), ("ignore", self.ignore), ("overrides", [o.pattern for o in self.overrides]))
+        for where, patterns in lists:
+            for p in patterns:
+                if p.startswith("re:"):
+                    try:
+                        re.compile(p[3:])
+                    except re.error as e:
+                        raise LowbitError(f"{where}: {p!r} is not a valid regular expression ({e})") from None
 
     def is_target(self, name: str, module: Any) -> bool:
         cls = type(module).__name__
@@ -231,6 +279,8 @@ def spec_from_dict(data: Mapping[str, Any] | None, where: str, base: QuantSpec |
     _check_fields(data, QuantSpec, where)
     try:
         return dataclasses.replace(base, **data) if base else QuantSpec(**data)
+    except FieldError as e:
+        raise LowbitError(f"{where}.{e.name}: {e.detail}") from None
     except LowbitError as e:
         raise LowbitError(f"{where}: {e}") from None
     except TypeError as e:
@@ -250,7 +300,12 @@ def scheme_from_dict(data: Mapping[str, Any], where: str = "scheme") -> Scheme:
     weights = spec_from_dict(data.get("weights"), f"{where}.weights")
     acts = spec_from_dict(data.get("input_activations"), f"{where}.input_activations")
     overrides = []
-    for i, o in enumerate(data.get("overrides", ()) or ()):
+    given = data.get("overrides", ()) or ()
+    if not isinstance(given, list | tuple):
+        raise LowbitError(
+            f"{where}.overrides: expected a list such as [{{pattern: ..., weights: ...}}], got {show(given)}"
+        )
+    for i, o in enumerate(given):
         w_o = f"{where}.overrides[{i}]"
         _check_fields(o, Override, w_o)
         if "pattern" not in o:
@@ -420,7 +475,9 @@ def load_recipe(path: str | Path) -> Recipe:
     if not p.is_file():
         raise LowbitError(f"recipe file {p} does not exist")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise LowbitError(f"recipe file {p} is not UTF-8 text ({e}); save it as UTF-8") from None
     except yaml.YAMLError as e:
         raise LowbitError(f"recipe file {p} is not valid YAML: {e}") from None
     return recipe_from_dict(data or {}, where=p.name, default_name=p.stem)

@@ -22,6 +22,10 @@ from lowbit.gptq import GPTQResult, HessianAccumulator, gptq_quantize
 from lowbit.qweight import QuantizedWeight, quantize_weight
 from lowbit.scheme import QuantSpec
 
+# A layer's report entry holds floats; a fallback is flagged by one of these keys, and the pipeline
+# turns it into the layer's ``fallback`` text and a run warning.
+FALLBACKS = {"fallback_rtn_zero_hessian": "rtn (Hessian is all zero: the layer saw no input)"}
+
 
 def input_groups(ctx: BlockContext) -> list[list[str]]:
     """Weight-quantized targets grouped by shared input, in the order the block computes them."""
@@ -89,6 +93,11 @@ class GPTQ(Algorithm):
         return None
 
     def _quantize_group(self, ctx: BlockContext, group: list[str], h: torch.Tensor) -> None:
+        if not bool((h.diagonal() > 0).any()):
+            # no input reached these layers (an unused expert, or only zeros): GPTQ has nothing to
+            # minimise, every rounding is as good as another, so round to nearest and say so
+            self._round_to_nearest(ctx, group)
+            return
         # stack members with the same weight spec; a per-tensor range must stay per layer
         batches: list[tuple[QuantSpec, list[str]]] = []
         for name in group:
@@ -118,6 +127,13 @@ class GPTQ(Algorithm):
             except LowbitError as e:
                 raise LowbitError(f"{ctx.prefix}.{names[0]}: {e}") from None
             self._store(ctx, names, linears, result)
+
+    def _round_to_nearest(self, ctx: BlockContext, group: list[str]) -> None:
+        for name in group:
+            spec = ctx.specs[name][0]
+            assert spec is not None
+            ctx.qweights[name] = quantize_weight(ctx.targets[name].weight.detach().float(), spec)
+            ctx.stats.setdefault(name, {})["fallback_rtn_zero_hessian"] = 1.0
 
     def _store(self, ctx: BlockContext, names: list[str], linears: list[nn.Linear], result: GPTQResult) -> None:
         qw, start = result.weight, 0
