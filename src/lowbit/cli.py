@@ -489,7 +489,7 @@ def _quantize(args: argparse.Namespace) -> int:
         recipe = api.with_method(recipe, args.method)
     if args.group_size:
         recipe = with_group_size(recipe, args.group_size)
-    skeleton = preflight.skeleton(args.model)  # the model's layers from its config; no weights read
+    skeleton = preflight.skeleton(args.model, args.trust_remote_code)  # layers from the config; no weights read
     fitted = None if (args.recipe or args.preset or args.group_size) else preflight.fitting_group_size(recipe, skeleton)
     if fitted:  # the default preset, on a model whose widths its groups do not divide
         default_group = recipe.scheme.weights.group_size if recipe.scheme.weights else None

@@ -46,23 +46,26 @@ def check_quantize(
     check_disk(out, estimate_output_bytes(recipe, model))
 
 
-def skeleton(spec: str) -> nn.Module:
+def skeleton(spec: str, trust_remote_code: bool = False) -> nn.Module:
     """The model ``spec`` names (as ``models.load_model`` takes it), on the meta device: layer names
     and shapes, no weights read. Missing or broken model files are reported as ``load_model`` does."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    config = _config(spec)
+    from lowbit.models import no_remote_code
+
+    with no_remote_code(spec, trust_remote_code):
+        config = _config(spec, trust_remote_code)
     try:
         with init_empty_weights():
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     except ValueError as exc:  # an architecture transformers has no causal LM class for
         raise LowbitError(f"cannot build a causal language model from the config of {spec!r}: {exc}") from exc
     model.tie_weights()  # as loading does: a tied output layer is one tensor (and one in the file)
     return model
 
 
-def _config(spec: str) -> Any:
+def _config(spec: str, trust_remote_code: bool) -> Any:
     from transformers import AutoConfig
 
     from lowbit import models
@@ -87,8 +90,10 @@ def _config(spec: str) -> Any:
     elif spec.startswith(("/", "./", "../", "~", ".\\")) or "\\" in spec or spec.count("/") > 1:
         raise LowbitError(f"model path {spec!r} does not exist (resolved to {path.resolve()})")
     try:
-        return AutoConfig.from_pretrained(str(path) if path.is_dir() else spec, trust_remote_code=False)
+        return AutoConfig.from_pretrained(str(path) if path.is_dir() else spec, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
+        if isinstance(exc, ValueError) and "trust_remote_code" in str(exc):
+            raise  # models.no_remote_code in skeleton says what to do
         if path.is_dir():
             raise LowbitError(f"could not read the model config in {spec!r}: {exc}") from exc
         raise LowbitError(
