@@ -22,7 +22,7 @@ import pytest
 from tiny_models import tiny_llama, token_ids
 
 import lowbit
-from lowbit import api, checkpoint, models
+from lowbit import api, checkpoint, models, preflight
 from lowbit.cli import main
 from lowbit.errors import LowbitError
 from lowbit.pipeline import quantize_model
@@ -125,17 +125,17 @@ def test_cli_refuses_remote_code(tmp_path: Path, no_prompt: None, capsys: pytest
         (["eval", "M"], "load_any"),
         (["eval", "M", "--baseline", "B"], "load_any"),
         (["run", "M", "--prompt", "hi"], "load_any"),
-        (["quantize", "M", "--no-eval", "--out", "OUT"], "load_model"),
+        (["quantize", "M", "--no-eval", "--out", "OUT"], "skeleton"),  # the first to read the model's config
     ],
 )
 def test_flag_reaches_the_loader(argv: list[str], target: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[bool] = []
 
-    def loader(spec: str, *, trust_remote_code: bool = False, verify: bool = True) -> Any:
+    def loader(spec: str, trust_remote_code: bool = False, *, verify: bool = True) -> Any:
         seen.append(trust_remote_code)
         raise LowbitError("stop here")
 
-    monkeypatch.setattr(api, target, loader)
+    monkeypatch.setattr(preflight if target == "skeleton" else api, target, loader)
     argv = [str(tmp_path / "out") if a == "OUT" else a for a in argv]
     assert main(argv) == 2
     assert main([*argv, "--trust-remote-code"]) == 2
