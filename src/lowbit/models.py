@@ -82,27 +82,36 @@ def load_model(
     tokenizer always has a pad token (the EOS token if it had none). A model whose repository needs
     its own code to load is refused unless ``trust_remote_code`` (never an interactive prompt).
     """
+    kind, where = resolve_spec(spec)
+    if kind == "gguf":
+        return _load_gguf(Path(where), dtype)
+    return _load_pretrained(str(where), dtype, spec, trust_remote_code)
+
+
+def resolve_spec(spec: str) -> tuple[str, Path | str]:
+    """What a model ``spec`` names, checked without reading it: ``("gguf", path)`` (the demo too),
+    ``("dir", path)`` of a saved Hugging Face model, or ``("hub", id)``; a clear error otherwise."""
     if spec == "demo":
-        return _load_gguf(fetch_demo_model(), dtype)
+        return "gguf", fetch_demo_model()
     path = Path(spec).expanduser()
     if path.suffix.lower() == ".gguf":
         if not path.exists():
             raise LowbitError(f"GGUF file {spec!r} does not exist (resolved to {path.resolve()})")
         if not path.is_file():
             raise LowbitError(f"{spec!r} is a directory, not a GGUF file; give the path of the .gguf file")
-        return _load_gguf(path, dtype)
+        return "gguf", path
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise LowbitError(
                 f"directory {spec!r} has no config.json, so it is not a saved Hugging Face model; "
                 "point to the directory written by save_pretrained, or to a .gguf file"
             )
-        return _load_pretrained(str(path), dtype, spec, trust_remote_code)
+        return "dir", path
     if path.exists():
         raise LowbitError(f"{spec!r} is a file but not a .gguf file; give a .gguf file, a model directory or a Hub id")
     if spec.startswith(("/", "./", "../", "~", ".\\")) or "\\" in spec or spec.count("/") > 1:
         raise LowbitError(f"model path {spec!r} does not exist (resolved to {path.resolve()})")
-    return _load_pretrained(spec, dtype, spec, trust_remote_code)
+    return "hub", spec
 
 
 def _finish(

@@ -70,31 +70,15 @@ def _config(spec: str, trust_remote_code: bool) -> Any:
 
     from lowbit import models
 
-    if spec == "demo":
-        return _gguf_config(models.fetch_demo_model())  # looked up at call time: tests replace it
-    path = Path(spec).expanduser()
-    if path.suffix.lower() == ".gguf":
-        if not path.exists():
-            raise LowbitError(f"GGUF file {spec!r} does not exist (resolved to {path.resolve()})")
-        if not path.is_file():
-            raise LowbitError(f"{spec!r} is a directory, not a GGUF file; give the path of the .gguf file")
-        return _gguf_config(path)
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise LowbitError(
-                f"directory {spec!r} has no config.json, so it is not a saved Hugging Face model; "
-                "point to the directory written by save_pretrained, or to a .gguf file"
-            )
-    elif path.exists():
-        raise LowbitError(f"{spec!r} is a file but not a .gguf file; give a .gguf file, a model directory or a Hub id")
-    elif spec.startswith(("/", "./", "../", "~", ".\\")) or "\\" in spec or spec.count("/") > 1:
-        raise LowbitError(f"model path {spec!r} does not exist (resolved to {path.resolve()})")
+    kind, where = models.resolve_spec(spec)
+    if kind == "gguf":
+        return _gguf_config(Path(where))
     try:
-        return AutoConfig.from_pretrained(str(path) if path.is_dir() else spec, trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(str(where), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         if isinstance(exc, ValueError) and "trust_remote_code" in str(exc):
             raise  # models.no_remote_code in skeleton says what to do
-        if path.is_dir():
+        if kind == "dir":
             raise LowbitError(f"could not read the model config in {spec!r}: {exc}") from exc
         raise LowbitError(
             f"model {spec!r} is not a local path and its config could not be fetched from the Hugging Face Hub "
