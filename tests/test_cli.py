@@ -7,8 +7,6 @@ the tests reuse that checkpoint and its printed result.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 import random
@@ -20,9 +18,10 @@ from typing import Any
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
+from world import WORDS, word_tokenizer
+from world import run_cli as _run
 
 import lowbit
 import lowbit.models
@@ -31,7 +30,6 @@ from lowbit.cli import build_parser, default_out_dir, main
 from lowbit.outdir import MARKER
 from lowbit.presets import DEFAULT_PRESET, PRESETS
 
-WORDS = [f"w{i}" for i in range(300)]
 EVAL_ARGS = ["--eval-windows", "4", "--eval-seq-len", "32"]
 CALIB_ARGS = ["--samples", "4", "--seq-len", "32"]
 
@@ -42,21 +40,6 @@ class Setup:
     text: Path  # ~3000 words, one token each
     out: Path  # the w8a16 checkpoint written by the fixture's quantize run
     result: dict[str, Any]  # the JSON that quantize printed
-
-
-def _tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {"<unk>": 0, "<pad>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
-
-
-def _run(argv: list[str]) -> tuple[int, str, str]:
-    """``main(argv)`` with stdout and stderr captured (for the module fixture, where capsys is not available)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main(argv)
-    return rc, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(autouse=True)
@@ -73,7 +56,7 @@ def _no_demo(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Monke
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
     root = tmp_path_factory.mktemp("cli")
-    tok = _tokenizer()
+    tok = word_tokenizer()
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tok),
