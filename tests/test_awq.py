@@ -111,7 +111,9 @@ def _run(steps: list[Step], spec: QuantSpec) -> tuple[RunReport, float]:
     with torch.no_grad():
         ref = _salient_llama()(input_ids=ids).logits
     model = _salient_llama()
-    report = quantize_model(model, Recipe(Scheme(weights=spec), tuple(steps)), _calib(), batch_size=4, progress=False)
+    report = quantize_model(
+        model, Recipe(Scheme(weights=spec), tuple(steps)), _calib(), batch_size=4, progress=False, measure=True
+    )
     with torch.no_grad():
         got = model(input_ids=ids).logits
     return report, _rel(got, ref) ** 2

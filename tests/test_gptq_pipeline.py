@@ -46,7 +46,7 @@ def _inputs(ctx: BlockContext, module: nn.Module) -> torch.Tensor:
 
 @pytest.mark.parametrize("arch", ARCH_NAMES)
 def test_gptq_beats_rtn_in_the_pipeline(arch: str) -> None:
-    rtn = quantize_model(build(arch), _recipe(Step("rtn")), _calib(), batch_size=4, progress=False)
+    rtn = quantize_model(build(arch), _recipe(Step("rtn")), _calib(), batch_size=4, progress=False, measure=True)
     for params in ({}, {"true_sequential": False, "act_order": False}, {"static_groups": True}):
         report = quantize_model(build(arch), _recipe(Step("gptq", params)), _calib(), batch_size=4, progress=False)
         assert sum(report.block_errors) < 0.8 * sum(rtn.block_errors), (params, report.block_errors)

@@ -28,7 +28,8 @@ from lowbit.pipeline import RunReport, quantize_model
 from lowbit.presets import PRESETS, get_preset
 from lowbit.primitives import per_token_fake_quantize
 from lowbit.qweight import quantize_weight
-from lowbit.scheme import QuantSpec, Recipe, Scheme, Step, load_recipe, recipe_from_dict, spec_from_dict, to_dict
+from lowbit.recipes import load_recipe, recipe_from_dict
+from lowbit.scheme import QuantSpec, Recipe, Scheme, Step, spec_from_dict, to_dict
 
 INT8 = get_format("int8")
 UINT8 = get_format("uint8")
@@ -339,7 +340,7 @@ def runs() -> dict[str, tuple[nn.Module, nn.Module, RunReport]]:
     for name, recipe in recipes.items():
         float_model = _outlier_llama()
         model = copy.deepcopy(float_model)
-        report = quantize_model(model, recipe, _calib(), batch_size=2, progress=False)
+        report = quantize_model(model, recipe, _calib(), batch_size=2, progress=False, measure=True)
         out[name] = (float_model, model, report)
     return out
 

@@ -23,7 +23,7 @@ from lowbit.errors import LowbitError
 from lowbit.outdir import MARKER, atomic_dir, check_output, is_lowbit_output, output_lock
 from lowbit.pipeline import quantize_model
 from lowbit.presets import get_preset
-from lowbit.scheme import load_recipe, recipe_from_dict
+from lowbit.recipes import load_recipe, recipe_from_dict
 
 SRC = str(Path(lowbit.__file__).resolve().parents[1])
 

@@ -54,7 +54,7 @@ def _calib() -> torch.Tensor:
 
 
 def _quantize(model: nn.Module, recipe: Recipe) -> RunReport:
-    return quantize_model(model, recipe, _calib(), batch_size=BATCH, progress=False)
+    return quantize_model(model, recipe, _calib(), batch_size=BATCH, progress=False, measure=True)
 
 
 @torch.no_grad()
@@ -489,9 +489,9 @@ def test_activation_only_keeps_float_weights() -> None:
 @torch.no_grad()
 def test_layer_errors_stop_after_the_token_budget(monkeypatch: pytest.MonkeyPatch) -> None:
     """With a budget of one batch, each layer's error is that of the first calibration batch only."""
-    import lowbit.pipeline
+    import lowbit.stages
 
-    monkeypatch.setattr(lowbit.pipeline, "ERROR_TOKENS", BATCH * 24)  # the first batch: 4 x 24 tokens
+    monkeypatch.setattr(lowbit.stages, "ERROR_TOKENS", BATCH * 24)  # the first batch: 4 x 24 tokens
     float_model = tiny_llama()
     report = _quantize(copy.deepcopy(float_model), get_preset("w4a16-rtn"))
     spec = get_preset("w4a16-rtn").scheme.weights

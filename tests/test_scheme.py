@@ -12,14 +12,13 @@ import yaml
 
 from lowbit.errors import LowbitError
 from lowbit.presets import PRESETS, get_preset
+from lowbit.recipes import load_recipe, recipe_from_dict
 from lowbit.scheme import (
     Override,
     QuantSpec,
     Recipe,
     Scheme,
     Step,
-    load_recipe,
-    recipe_from_dict,
     scheme_from_dict,
     spec_from_dict,
     to_dict,

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import gc
 import weakref
 from typing import Any
 
@@ -19,7 +18,7 @@ from torch import nn
 from lowbit.algorithms import build_algorithm
 from lowbit.algorithms import smoothquant as sq
 from lowbit.errors import LowbitError
-from lowbit.pipeline import RunReport, quantize_model
+from lowbit.pipeline import RunOptions, RunReport, model_search, quantize_model
 from lowbit.scheme import QuantSpec, Recipe, Scheme, Step
 
 W4 = QuantSpec("int4", "group", 32, symmetric=True)
@@ -98,7 +97,7 @@ def test_search_picks_the_alpha_with_the_lowest_output_loss(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The search table equals the brute-force loop's; the chosen alpha is its minimum; the model
-    is untouched, every copy is freed, and the inner pipeline runs print no progress bars."""
+    is untouched and never copied, and the inner pipeline runs print no progress bars."""
     copies: list[weakref.ref[Any]] = []
     depth = [0]
     deepcopy = copy.deepcopy
@@ -113,13 +112,13 @@ def test_search_picks_the_alpha_with_the_lowest_output_loss(
             copies.append(weakref.ref(out))
         return out
 
-    monkeypatch.setattr(sq.copy, "deepcopy", spy)
+    monkeypatch.setattr(copy, "deepcopy", spy)
     model = _planted_llama()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     algorithm = build_algorithm("smoothquant_plus", {"alphas": list(ALPHAS), "search_samples": SEARCH_SAMPLES})
     assert isinstance(algorithm, sq.SmoothQuantPlus)
     capsys.readouterr()
-    algorithm.prepare(model, _recipe(), _calib(), batch_size=4)
+    model_search(model, algorithm, _recipe(), _calib(), RunOptions(batch_size=4, progress=False))
     monkeypatch.undo()
     assert capsys.readouterr().err == ""
 
@@ -132,8 +131,7 @@ def test_search_picks_the_alpha_with_the_lowest_output_loss(
     assert len(set(brute.values())) == len(ALPHAS)  # the candidates really differ
 
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    gc.collect()
-    assert len(copies) == len(ALPHAS) and all(ref() is None for ref in copies)
+    assert copies == []  # the candidates ran in place: the model was never copied
 
 
 def _on_search_sequences(recipe: Recipe) -> tuple[RunReport, float]:
@@ -171,9 +169,9 @@ def test_pipeline_smooths_with_the_searched_alpha_whose_output_kl_is_the_least()
     assert kl < rtn_kl, (kl, rtn_kl)
 
 
-def _pick_the_worst(prepare: Any) -> Any:
+def _pick_the_worst(choose: Any) -> Any:
     def broken(self: sq.SmoothQuantPlus, *args: Any) -> None:
-        prepare(self, *args)
+        choose(self, *args)
         self.alpha, self.search_kl = max(self.search_results, key=lambda r: r[1])
 
     return broken
@@ -185,7 +183,7 @@ def test_a_broken_search_fails_that_claim(broken: str, monkeypatch: pytest.Monke
     fixed alpha), smooths with another alpha and quantizes to a model with a higher KL."""
     recipe = _recipe({"alphas": [max(ALPHAS)]}) if broken == "fixed alpha" else _recipe()
     if broken == "picks the worst":
-        monkeypatch.setattr(sq.SmoothQuantPlus, "prepare", _pick_the_worst(sq.SmoothQuantPlus.prepare))
+        monkeypatch.setattr(sq.SmoothQuantPlus, "choose", _pick_the_worst(sq.SmoothQuantPlus.choose))
     report, kl = _on_search_sequences(recipe)
     with pytest.raises(AssertionError):
         _assert_smoothed_with_the_least_kl_alpha(report, kl)

@@ -29,7 +29,9 @@ def _calib() -> torch.Tensor:
 
 
 def _run(step: Step, scheme: Scheme = W4A8) -> RunReport:
-    return quantize_model(tiny_llama(), Recipe(scheme, (step,), "x"), _calib(), batch_size=4, progress=False)
+    return quantize_model(
+        tiny_llama(), Recipe(scheme, (step,), "x"), _calib(), batch_size=4, progress=False, measure=True
+    )
 
 
 def _block_ctx(model: nn.Module, scheme: Scheme = W4A8) -> BlockContext:

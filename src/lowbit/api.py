@@ -30,7 +30,8 @@ from lowbit.models import load_model
 from lowbit.modules import QuantLinear
 from lowbit.pipeline import RunReport, quantize_model
 from lowbit.presets import get_preset
-from lowbit.scheme import Recipe, Step, load_recipe, to_dict
+from lowbit.recipes import load_recipe
+from lowbit.scheme import Recipe, Step, to_dict
 
 __all__ = [
     "EvalResult",

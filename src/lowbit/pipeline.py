@@ -1,181 +1,267 @@
-"""The layer-by-layer runner.
+"""The block runner: a model quantized one decoder block at a time.
 
-1. Run the model on the calibration batches with the decoder blocks bypassed and keep the first
-   block's hidden states and the keyword arguments the model passes each block.
-2. For each block: apply the recipe's transforms (equivalent rewrites of the float block);
-   run it in float over its inputs, observing static activation / KV ranges and keeping the
-   float outputs; apply the quantizer; swap the targeted linears for QuantLinear; run the
-   quantized block over the same inputs, measuring each layer's output error, and pass its
-   outputs on as the next block's inputs.
+    source  (``lowbit.source``: the model's blocks, loaded when processed and released after)
+      -> capture   what enters the first block (only when the run needs calibration data)
+      -> for each block, the stages of ``lowbit.stages``:
+           gather (the previous block's quantized outputs, in memory up to ``max_memory`` and on
+           disk past it) -> transform -> observe -> quantize -> swap -> measure -> emit
+      -> sink  (``lowbit.sink``: each finished block written as it is produced; a run resumes
+           from the last finished block)
 
-Working memory is one block plus its calibration activations; errors are seen where they
-accumulate because every block is calibrated on the outputs of the quantized blocks before it.
+Errors are seen where they accumulate: every block is calibrated on the outputs of the quantized
+blocks before it. A step that searches on the model's output (SmoothQuant+) runs its candidates
+in place before the first block and the float weights are restored after each one.
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
+import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit import defaults
+from lowbit.activations import ActivationStore, BlockInputs, Spill, capture_calibration_inputs, kwargs_to
 from lowbit.algorithms import Algorithm, BlockContext, build_algorithm
-from lowbit.algorithms.gptq import FALLBACKS
-from lowbit.archs import Arch, decoder_blocks, get_arch
+from lowbit.archs import decoder_blocks, get_arch
 from lowbit.errors import LowbitError
-from lowbit.hooks import StopForward, replaced_forwards
-from lowbit.kvcache import KVQuantizer, attach_kv_quantizers, kv_paused
-from lowbit.modules import ActQuantizer, QuantLinear
-from lowbit.observers import Observer
-from lowbit.qweight import spec_observer
-from lowbit.scheme import Recipe
+from lowbit.kvcache import KVQuantizer, attach_kv_quantizers
+from lowbit.modules import QuantLinear
+from lowbit.runreport import LayerReport, RunReport
+from lowbit.source import InMemorySource
+from lowbit.stages import ERROR_TOKENS, block_targets, needs_data, quantize_block
+
+__all__ = [
+    "ERROR_TOKENS",
+    "LayerReport",
+    "RunOptions",
+    "RunReport",
+    "capture_calibration_inputs",
+    "model_search",
+    "quantize_model",
+    "run",
+]
+
+_targets = block_targets  # the name earlier code used
 
 
-@dataclass
-class LayerReport:
-    name: str
-    weights: str
-    activations: str
-    rel_error: float  # ||y_q - y||^2 / ||y||^2 of the layer's output on (up to ERROR_TOKENS) calibration inputs
-    bits_per_weight: float
-    extra: dict[str, float] = field(default_factory=dict)
-    # LLM.int8(): input dimensions kept in float on the calibration inputs, most frequent first (at most 16)
-    outlier_dims: list[int] | None = None
-    fallback: str | None = None  # the quantizer fell back to another, e.g. "rtn (Hessian is all zero: ...)"
+class Source(Protocol):
+    model: nn.Module
+    in_memory: bool
+
+    def load(self, prefix: str) -> None: ...
+    def load_outer(self) -> None: ...
+    def release(self, prefix: str) -> None: ...
+    def float_state(self, prefix: str) -> dict[str, torch.Tensor]: ...
 
 
-@dataclass
-class RunReport:
-    recipe: Recipe
-    layers: list[LayerReport]
-    block_errors: list[float]
-    seconds: float
-    n_samples: int
-    seq_len: int
-    warnings: list[str] = field(default_factory=list)  # what the user should know, e.g. layers that fell back
-
-    def worst_layers(self, n: int) -> list[LayerReport]:
-        """The ``n`` layers with the largest relative output error."""
-        return sorted(self.layers, key=lambda r: r.rel_error, reverse=True)[:n]
-
-    def to_dict(self) -> dict[str, Any]:
-        from lowbit.scheme import to_dict
-
-        return {
-            "recipe": to_dict(self.recipe),
-            "layers": [vars(layer) for layer in self.layers],
-            "block_errors": self.block_errors,
-            "seconds": self.seconds,
-            "calibration": {"samples": self.n_samples, "seq_len": self.seq_len},
-            "warnings": self.warnings,
-        }
+class Sink(Protocol):
+    def finished(self) -> list[int]: ...
+    def write_block(
+        self, index: int, tensors: dict[str, torch.Tensor], layers: dict[str, Any], state: dict[str, Any]
+    ) -> None: ...
+    def save_boundary(self, index: int, hidden: list[torch.Tensor]) -> None: ...
+    def load_boundary(self) -> tuple[int, list[torch.Tensor]] | None: ...
+    def block_state(self, index: int) -> dict[str, Any]: ...
 
 
-@torch.no_grad()
-def capture_calibration_inputs(
-    model: nn.Module, blocks: nn.ModuleList, calib: torch.Tensor, batch_size: int
-) -> tuple[list[torch.Tensor], list[list[dict[str, Any]]]]:
-    """Hidden states entering the first block (per batch) and the keyword arguments every block
-    receives (per block, per batch).
-
-    Blocks of one model may receive different keyword arguments (Gemma 2/3, Qwen2 with sliding
-    layers: a sliding-window or a full causal mask, local or global rotary embeddings), so each
-    block's are recorded. Every block is bypassed while recording (it returns its input), so no
-    block computes anything; the pass stops at the last block.
-    """
-    hidden: list[torch.Tensor] = []
-    kwargs: list[list[dict[str, Any]]] = [[] for _ in blocks]
-
-    def bypass(i: int) -> Callable[..., Any]:
-        def forward(*args: Any, **kw: Any) -> Any:
-            rest = dict(kw)
-            h = args[0] if args else rest.pop("hidden_states")
-            kwargs[i].append(rest)
-            if i == 0:
-                hidden.append(h.detach())
-            if i == len(blocks) - 1:
-                raise StopForward
-            return h
-
-        return forward
-
-    with replaced_forwards(blocks, bypass):
-        for batch in calib.split(batch_size):
-            with contextlib.suppress(StopForward):
-                model(input_ids=batch, use_cache=False)
-    return hidden, kwargs
+@dataclasses.dataclass
+class RunOptions:
+    batch_size: int = defaults.BATCH_SIZE
+    progress: bool = True
+    max_memory: int | None = None  # bytes of calibration activations kept in memory (None: no limit)
+    device: str = "cpu"  # where each block and its activations are processed: cpu, cuda, cuda:N or auto
+    spill_dir: str | Path | None = None  # where activations past max_memory go (default: the temp dir)
+    # run the calibration passes and measure output errors even when the recipe needs no data
+    # (a data-free recipe otherwise makes no forward pass and reports weight errors)
+    measure: bool = False
 
 
-def _targets(block: nn.Module, prefix: str, recipe: Recipe) -> tuple[dict[str, nn.Linear], dict[str, Any]]:
-    targets, specs = {}, {}
-    for name, module in block.named_modules():
-        full = f"{prefix}.{name}"
-        if isinstance(module, nn.Linear) and recipe.scheme.is_target(full, module):
-            w, a = recipe.scheme.specs_for(full, module)
-            if w is not None or a is not None:
-                targets[name], specs[name] = module, (w, a)
-    return targets, specs
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is the first CUDA device when there is one, else the CPU; a CUDA device that is
+    not there is refused."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise LowbitError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LowbitError(f"device {name!r} asked for, but this torch sees no CUDA device; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise LowbitError(f"device {name!r} is not supported; use cpu, cuda, cuda:N or auto")
+    return device
 
 
 def quantize_model(
     model: nn.Module,
-    recipe: Recipe,
+    recipe: Any,
     calib: torch.Tensor,
     batch_size: int = defaults.BATCH_SIZE,
     progress: bool = True,
+    *,
+    max_memory: int | None = None,
+    device: str = "cpu",
+    spill_dir: str | Path | None = None,
+    measure: bool = False,
 ) -> RunReport:
-    """Quantize ``model`` in place with ``recipe`` on calibration token ids ``calib`` (n, T)."""
+    """Quantize an already-loaded ``model`` in place with ``recipe`` on calibration token ids
+    ``calib`` (n, T). See ``RunOptions`` for the keyword options."""
+    options = RunOptions(batch_size, progress, max_memory, device, spill_dir, measure)
+    return run(InMemorySource(model), recipe, calib, options)
+
+
+def run(source: Source, recipe: Any, calib: torch.Tensor, options: RunOptions, sink: Sink | None = None) -> RunReport:
+    """Quantize the model of ``source`` block by block; with a ``sink`` each block is written as
+    it is finished, and blocks the sink already holds (a resumed run) are skipped."""
     start = time.perf_counter()
     algorithms: list[Algorithm] = [build_algorithm(s.name, s.params) for s in recipe.steps]
-    has_quantizer = any(a.kind == "quantizer" for a in algorithms)
-    if recipe.scheme.weights is not None and not has_quantizer:
+    if recipe.scheme.weights is not None and not any(a.kind == "quantizer" for a in algorithms):
         raise LowbitError(f"recipe {recipe.name!r} quantizes weights but has no quantizer step (e.g. rtn)")
-    arch = get_arch(model)
-    blocks = decoder_blocks(model, arch)
+    device = resolve_device(options.device)
+    model = source.model
     model.eval()
     for algorithm in algorithms:
-        algorithm.prepare(model, recipe, calib, batch_size)
-    kv_quants = []
+        model_search(source, algorithm, recipe, calib, options)
+    arch = get_arch(model)
+    blocks = decoder_blocks(model, arch)
+    kv_quants: list[KVQuantizer] = []
     if recipe.scheme.kv_cache is not None:
-        attns = [b.get_submodule(arch.attention) for b in blocks]
-        kv_quants = attach_kv_quantizers(model, attns, recipe.scheme.kv_cache)
-
-    hidden, block_kwargs = capture_calibration_inputs(model, blocks, calib, batch_size)
+        kv_quants = attach_kv_quantizers(
+            model, [b.get_submodule(arch.attention) for b in blocks], recipe.scheme.kv_cache
+        )
+    data = options.measure or needs_data(recipe, algorithms)
+    spill = Spill(options.max_memory, options.spill_dir)
     layers: list[LayerReport] = []
     block_errors: list[float] = []
+    passes = 0
+    first = 0
+    if sink is not None and sink.finished():
+        first, layers, block_errors = _resumed(sink)
     # the bar keeps its count, rate and time left readable; the last block's numbers go to a
     # status line below it (every layer's: --layers, or the run report)
-    bar = tqdm(total=len(blocks), desc=f"quantize {recipe.name}", unit="block", disable=not progress)
-    status = tqdm(total=0, bar_format="  {desc}", position=1, leave=False, disable=not progress)
+    bar = tqdm(
+        total=len(blocks), initial=first, desc=f"quantize {recipe.name}", unit="block", disable=not options.progress
+    )
+    status = tqdm(total=0, bar_format="  {desc}", position=1, leave=False, disable=not options.progress)
+    hidden: ActivationStore | None = None
     try:
-        for i in range(len(blocks)):
-            inputs = list(zip(hidden, block_kwargs[i], strict=True))
-            hidden, err = _quantize_block(
-                blocks[i], i, f"{arch.blocks}.{i}", arch, recipe, inputs, algorithms, kv_quants, layers
-            )
-            block_errors.append(err)
-            block_layers = [r for r in layers if r.name.startswith(f"{arch.blocks}.{i}.")]
-            status.set_description_str(f"block {i}: " + _status(err, block_layers))
+        block_kwargs: list[list[dict[str, Any]]] = [[] for _ in blocks]
+        if data:
+            source.load_outer()
+            captured, block_kwargs = capture_calibration_inputs(model, blocks, calib, options.batch_size)
+            if first:
+                captured = _boundary(sink, first)
+            hidden = ActivationStore.of(captured, spill, device)
+            del captured
+        for i in range(first, len(blocks)):
+            prefix = f"{arch.blocks}.{i}"
+            source.load(prefix)
+            block = blocks[i].to(device)
+            targets, specs = block_targets(block, prefix, recipe)
+            inputs = BlockInputs([], [])
+            if hidden is not None:
+                inputs = BlockInputs(hidden, [kwargs_to(k, device) for k in block_kwargs[i]])
+            ctx = BlockContext(block, i, prefix, arch, recipe.scheme, inputs, targets, specs)
+            kvq = kv_quants[i] if kv_quants else None
+            new_store = (lambda: ActivationStore(spill, device)) if data else None
+            rows, err, outputs = quantize_block(ctx, algorithms, kvq, new_store)
+            passes += ctx.passes
+            layers.extend(rows)
+            if err is not None:
+                block_errors.append(err)
+            block.to("cpu")
+            if hidden is not None:
+                hidden.close()
+                hidden = outputs
+            if sink is not None:
+                _emit(sink, block, prefix, i, rows, err, hidden)
+            if not source.in_memory:
+                _unload(block)
+                source.release(prefix)
+            status.set_description_str(f"block {i}: " + _status(err, rows))
             bar.update(1)
     finally:
+        if hidden is not None:
+            hidden.close()
+        spill.close()
         status.close()
         bar.close()
     warnings = [f"{r.name}: fallback: {r.fallback}" for r in layers if r.fallback]
-    seconds = time.perf_counter() - start
-    return RunReport(recipe, layers, block_errors, seconds, calib.shape[0], calib.shape[1], warnings)
+    return RunReport(
+        recipe,
+        layers,
+        block_errors,
+        time.perf_counter() - start,
+        calib.shape[0],
+        calib.shape[1],
+        warnings,
+        forward_passes=passes,
+        spilled_bytes=spill.spilled,
+    )
 
 
-def _status(block_err: float, layers: list[LayerReport]) -> str:
+def _emit(
+    sink: Sink,
+    block: nn.Module,
+    prefix: str,
+    index: int,
+    rows: list[LayerReport],
+    err: float | None,
+    outputs: ActivationStore | None,
+) -> None:
+    """Write a finished block, then the hidden states after it (what a resumed run starts from)."""
+    from lowbit.checkpoint import block_tensors
+
+    tensors, table, kv = block_tensors(block, prefix)
+    state = {"layers": [dataclasses.asdict(r) for r in rows], "block_error": err, "kv_cache": kv}
+    if outputs is not None:
+        sink.save_boundary(index, list(outputs))
+    sink.write_block(index, tensors, table, state)
+
+
+def _resumed(sink: Sink) -> tuple[int, list[LayerReport], list[float]]:
+    finished = sorted(sink.finished())
+    if finished != list(range(len(finished))):
+        raise LowbitError(f"the partial run holds blocks {finished}, not a prefix 0..k; rerun without --resume")
+    layers: list[LayerReport] = []
+    errors: list[float] = []
+    for i in finished:
+        state = sink.block_state(i)
+        layers.extend(LayerReport.from_dict(r) for r in state["layers"])
+        if state.get("block_error") is not None:
+            errors.append(float(state["block_error"]))
+    return len(finished), layers, errors
+
+
+def _boundary(sink: Sink | None, first: int) -> list[torch.Tensor]:
+    saved = sink.load_boundary() if sink is not None else None
+    if saved is None or saved[0] != first - 1:
+        got = "none" if saved is None else f"the one after block {saved[0]}"
+        raise LowbitError(
+            f"the partial run finished blocks 0..{first - 1} but holds {got} of the activations after them; "
+            "rerun without --resume"
+        )
+    return saved[1]
+
+
+def _unload(block: nn.Module) -> None:
+    """Give a written block's memory back: quantized layers become empty (meta) linears again."""
+    for name, module in list(block.named_modules()):
+        if isinstance(module, QuantLinear):
+            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+            block.set_submodule(name, linear)
+
+
+def _status(block_err: float | None, layers: list[LayerReport]) -> str:
     """The status line under the bar: the block's error, its worst layer, and what the algorithm
     reported (GPTQ's loss summed over the block, the largest damping used, the solve time)."""
-    parts = [f"error {block_err:.2e}"]
+    parts = [f"error {block_err:.2e}" if block_err is not None else "no calibration pass"]
     if layers:
         worst = max(layers, key=lambda r: r.rel_error)
         parts.append(f"worst {worst.name.rsplit('.', 1)[-1]} {worst.rel_error:.1e}")
@@ -187,123 +273,110 @@ def _status(block_err: float, layers: list[LayerReport]) -> str:
     return ", ".join(parts)
 
 
-def _observe_input(observer: Observer) -> Callable[..., None]:
-    def hook(_m: nn.Module, inp: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
-        observer.update(inp[0])
+@torch.no_grad()
+def _log_probs(model: nn.Module, ids: torch.Tensor) -> list[torch.Tensor]:
+    """Per sequence of ``ids`` (n, T), the model's next-token log-probabilities (1, T, V)."""
+    return [model(input_ids=seq, use_cache=False).logits.float().log_softmax(-1) for seq in ids.split(1)]
 
-    return hook
+
+def _kl(reference: list[torch.Tensor], got: list[torch.Tensor]) -> float:
+    """Mean per-token ``KL(reference || got)``; non-finite results come back as inf."""
+    total, tokens = 0.0, 0
+    for ref, q in zip(reference, got, strict=True):
+        total += float((ref.exp() * (ref - q)).double().sum())
+        tokens += ref.shape[0] * ref.shape[1]
+    kl = total / max(tokens, 1)
+    return kl if math.isfinite(kl) else float("inf")
 
 
-def _quantize_block(
-    block: nn.Module,
-    index: int,
-    prefix: str,
-    arch: Arch,
-    recipe: Recipe,
-    inputs: list[tuple[torch.Tensor, dict[str, Any]]],
-    algorithms: list[Algorithm],
-    kv_quants: list[KVQuantizer],
-    layers: list[LayerReport],
-) -> tuple[list[torch.Tensor], float]:
-    """Quantize one block in place; returns its quantized outputs and its relative output error."""
-    targets, specs = _targets(block, prefix, recipe)
-    ctx = BlockContext(block, index, prefix, arch, recipe.scheme, inputs, targets, specs)
-    kvq = kv_quants[index] if kv_quants else None
-    transforms = [a for a in algorithms if a.kind == "transform"]
-    reference = None
-    if transforms:
-        with kv_paused(kvq):
-            # the untouched float block is the reference: some transforms are not exact
-            # rewrites (AWQ's weight clipping), and the block error must count what they cost
-            reference = ctx.forward()
-            for algorithm in transforms:
-                algorithm.apply(ctx)
-    # the float pass after the transforms observes the activations the quantized block will see
-    observers = {n: spec_observer(a) for n, (_, a) in specs.items() if a is not None and not a.dynamic}
-    if reference is None or observers or (kvq is not None and kvq.observing):
-        observed = _float_pass(ctx, observers, kvq)
-        reference = observed if reference is None else reference
-    float_out: list[torch.Tensor] = reference
-    for algorithm in algorithms:
-        if algorithm.kind != "transform":
-            algorithm.apply(ctx)
-    float_weights = _swap_in_quant_linears(ctx, observers)
-    sums = {name: torch.zeros(2, dtype=torch.float64) for name in targets}
-    hooks = {block.get_submodule(n): _error_hook(*float_weights[n], sums[n]) for n in targets}
-    quant_out = ctx.forward(hooks)
-    for name in targets:
-        module = block.get_submodule(name)
-        assert isinstance(module, QuantLinear)
-        wspec, aspec = specs[name]
-        e, r = sums[name].tolist()
-        extra = dict(ctx.stats.get(name, {}))
-        fallback = next((text for key, text in FALLBACKS.items() if extra.pop(key, 0.0)), None)
-        outlier_dims = None
-        if module.act is not None and aspec is not None and aspec.outlier_threshold is not None:
-            extra.update(module.act.outlier_summary())  # counted on the quantized pass just run
-            outlier_dims = module.act.outlier_positions(16)  # the 16 most frequent: the report stays small
-        layers.append(
-            LayerReport(
-                name=f"{prefix}.{name}",
-                weights=wspec.describe() if wspec else "float",
-                activations=aspec.describe() if aspec else "float",
-                rel_error=e / r if r > 0 else 0.0,
-                bits_per_weight=module.qweight.bits_per_weight()
-                if module.qweight is not None
-                else module.weight.element_size() * 8.0,
-                extra=extra,
-                outlier_dims=outlier_dims,
-                fallback=fallback,
-            )
+def model_search(
+    source: Source | nn.Module,
+    algorithm: Algorithm,
+    recipe: Any,
+    calib: torch.Tensor,
+    options: RunOptions | None = None,
+) -> None:
+    """Run ``algorithm``'s model-level search if it has one (``Algorithm.model_candidates``) on
+    the first ``algorithm.search_samples`` sequences of ``calib``, and tell it the results."""
+    candidates = algorithm.model_candidates(recipe)
+    if candidates:
+        src = InMemorySource(source) if isinstance(source, nn.Module) else source
+        ids = calib[: algorithm.search_samples]
+        algorithm.choose(_search(src, candidates, ids, options or RunOptions(progress=False)))
+
+
+def _search(
+    source: Source, candidates: list[tuple[Any, Any]], ids: torch.Tensor, options: RunOptions
+) -> list[tuple[Any, float]]:
+    """Score each candidate recipe by the model's output: quantize in place on ``ids``, compare
+    the next-token distributions with the float model's, restore the float weights.
+
+    The model is never copied: the float blocks come back from the source (the model's files, or
+    for a model given in memory each block's own tensors saved before the search). The whole
+    model takes part in each candidate, so a streamed model is loaded for the search."""
+    model = source.model
+    arch = get_arch(model)
+    blocks = decoder_blocks(model, arch)
+    prefixes = [f"{arch.blocks}.{i}" for i in range(len(blocks))]
+    source.load_outer()
+    for p in prefixes:
+        source.load(p)
+    saved = {p: source.float_state(p) for p in prefixes} if source.in_memory else {}
+    linears = {p: dict(_linears(model.get_submodule(p))) for p in prefixes}
+    attn_impl = getattr(model.config, "_attn_implementation", None)
+    reference = _log_probs(model, ids)
+    results = []
+    quiet = dataclasses.replace(options, progress=False)
+    for value, recipe in candidates:
+        try:
+            run(_Loaded(source), recipe, ids, quiet)
+            results.append((value, _kl(reference, _log_probs(model, ids))))
+        finally:
+            for p in prefixes:
+                _restore(model.get_submodule(p), linears[p], saved[p] if saved else source.float_state(p))
+            for block in blocks:
+                attn = block.get_submodule(arch.attention)
+                if "lowbit_kv" in attn._modules:
+                    del attn._modules["lowbit_kv"]
+            model.config._attn_implementation = attn_impl
+    if not source.in_memory:
+        for p in prefixes:
+            source.release(p)
+    return results
+
+
+class _Loaded:
+    """A source whose blocks are all loaded already and must stay so (a search's candidate run)."""
+
+    in_memory = True
+
+    def __init__(self, source: Source) -> None:
+        self.model = source.model
+        self._source = source
+
+    def load(self, prefix: str) -> None:
+        return None
+
+    def load_outer(self) -> None:
+        return None
+
+    def release(self, prefix: str) -> None:
+        return None
+
+    def float_state(self, prefix: str) -> dict[str, torch.Tensor]:
+        return self._source.float_state(prefix)
+
+
+def _linears(block: nn.Module) -> list[tuple[str, nn.Linear]]:
+    return [(n, m) for n, m in block.named_modules() if isinstance(m, nn.Linear)]
+
+
+def _restore(block: nn.Module, linears: dict[str, nn.Linear], state: dict[str, torch.Tensor]) -> None:
+    """Put the block's original linear modules back and its float tensors into them."""
+    for name, linear in linears.items():
+        block.set_submodule(name, linear)
+    missing, unexpected = block.load_state_dict(state, strict=False)
+    if unexpected or [m for m in missing if "lowbit_kv" not in m]:
+        raise LowbitError(
+            f"could not restore the float block after a search: missing {missing}, unexpected {unexpected}"
         )
-    num = sum(float((q - f).double().pow(2).sum()) for q, f in zip(quant_out, float_out, strict=True))
-    den = sum(float(f.double().pow(2).sum()) for f in float_out)
-    return quant_out, num / den if den > 0 else 0.0
-
-
-def _float_pass(ctx: BlockContext, observers: dict[str, Observer], kvq: KVQuantizer | None) -> list[torch.Tensor]:
-    """Run the float block: feed static activation and KV observers; the outputs are the reference."""
-    hooks: dict[nn.Module, Callable[..., None]] = {ctx.targets[n]: _observe_input(o) for n, o in observers.items()}
-    if kvq is not None:
-        kvq.enabled = False  # the reference outputs are the float block's
-    out = ctx.forward(hooks)
-    if kvq is not None:
-        if kvq.observing:
-            kvq.finish_calibration()
-        kvq.enabled = True
-    return out
-
-
-def _swap_in_quant_linears(
-    ctx: BlockContext, observers: dict[str, Observer]
-) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-    """Replace each target by a QuantLinear; returns the float (weight, bias) each one replaced."""
-    float_weights: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-    for name, linear in ctx.targets.items():
-        aspec = ctx.specs[name][1]
-        act = ActQuantizer(aspec) if aspec is not None else None
-        if act is not None and name in observers:
-            act.set_range(*observers[name].range())
-        float_weights[name] = (linear.weight.detach().clone(), linear.bias)
-        ctx.block.set_submodule(name, QuantLinear.from_linear(linear, ctx.qweights.get(name), act))
-    return float_weights
-
-
-# Layer errors are measured on at most this many calibration tokens: recomputing every layer's
-# float output doubles the cost of the quantized pass, and a diagnostic needs no more
-ERROR_TOKENS = 16384
-
-
-def _error_hook(w: torch.Tensor, b: torch.Tensor | None, sums: torch.Tensor) -> Callable[..., None]:
-    """Accumulate ``||y_q - y||^2`` and ``||y||^2`` with ``y = F.linear(x, w, b)`` on the layer's
-    input, over the first ``ERROR_TOKENS`` tokens (whole batches) the layer sees."""
-    seen = [0]
-
-    def hook(_m: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-        if seen[0] >= ERROR_TOKENS:
-            return
-        seen[0] += inp[0].numel() // inp[0].shape[-1]
-        ref = F.linear(inp[0], w, b)
-        sums.add_(torch.stack([(out - ref).double().pow(2).sum(), ref.double().pow(2).sum()]))
-
-    return hook

@@ -75,8 +75,7 @@ import torch
 from torch import nn
 
 from lowbit.algorithms.base import Algorithm, BlockContext, register
-from lowbit.algorithms.gptq import input_groups
-from lowbit.algorithms.smoothquant import InputStats
+from lowbit.algorithms.toolkit import InputStats, input_groups
 from lowbit.errors import LowbitError
 from lowbit.kvcache import kv_paused
 from lowbit.primitives import group_index

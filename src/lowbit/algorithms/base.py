@@ -10,7 +10,7 @@ import contextlib
 import dataclasses
 import difflib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -38,21 +38,24 @@ class BlockContext:
     prefix: str
     arch: Arch
     scheme: Scheme
-    inputs: list[tuple[torch.Tensor, dict[str, Any]]]
+    inputs: Sequence[tuple[torch.Tensor, dict[str, Any]]]
     targets: dict[str, nn.Linear]
     specs: dict[str, tuple[QuantSpec | None, QuantSpec | None]]
     qweights: dict[str, QuantizedWeight] = field(default_factory=dict)
     stats: dict[str, dict[str, float]] = field(default_factory=dict)
+    passes: int = 0  # passes over the calibration inputs made so far (whole or stopped early)
 
-    @torch.no_grad()
     def forward(self, hooks: Mapping[nn.Module, Callable[..., Any]] | None = None) -> list[torch.Tensor]:
         """Run the block over every calibration batch; returns the output hidden states per batch."""
-        outs = []
-        with forward_hooks(hooks or {}):
+        return list(self.forward_iter(hooks))
+
+    def forward_iter(self, hooks: Mapping[nn.Module, Callable[..., Any]] | None = None) -> Iterator[torch.Tensor]:
+        """``forward`` one batch at a time, so the outputs can go to a store instead of a list."""
+        self.passes += 1
+        with torch.no_grad(), forward_hooks(hooks or {}):
             for hidden, kwargs in self.inputs:
                 out = self.block(hidden, **kwargs)
-                outs.append(out[0] if isinstance(out, tuple) else out)
-        return outs
+                yield out[0] if isinstance(out, tuple) else out
 
     @torch.no_grad()
     def feed_inputs(
@@ -64,6 +67,7 @@ class BlockContext:
         collecting the inputs of early sub-layers costs only the part of the block before them.
         """
         fed: set[nn.Module] = set()
+        self.passes += 1
 
         def make(module: nn.Module, consume: Callable[[torch.Tensor], None]) -> Callable[..., None]:
             def hook(_m: nn.Module, inp: tuple[torch.Tensor, ...]) -> None:
@@ -86,10 +90,22 @@ class Algorithm(ABC):
 
     name: ClassVar[str]
     kind: ClassVar[str]  # "transform" or "quantizer"
+    # what the step reads besides the weights: "inputs" (the block's calibration inputs, for
+    # statistics, Hessians or a search); empty for a data-free step (RTN), which lets a run make no
+    # forward pass at all
+    needs: ClassVar[frozenset[str]] = frozenset({"inputs"})
+    # a model-level search (SmoothQuant+'s alpha): the samples it uses; see ``model_candidates``
+    search_samples: int = 0
 
-    def prepare(self, model: nn.Module, recipe: Recipe, calib: torch.Tensor, batch_size: int) -> None:
-        """Model-level work before the first block (e.g. a search whose loss is the model's
-        output, as SmoothQuant+'s); ``recipe`` is the whole Recipe. Nothing by default."""
+    def model_candidates(self, recipe: Recipe) -> list[tuple[Any, Recipe]]:
+        """A search whose loss is the model's output (SmoothQuant+'s alpha): (candidate, the recipe
+        that realises it) pairs. The runner runs each candidate recipe in place on the first
+        ``search_samples`` calibration sequences, scores it by ``KL(float || quantized)`` of the
+        next-token distributions, restores the float weights, and calls ``choose``. None by default."""
+        return []
+
+    def choose(self, results: list[tuple[Any, float]]) -> None:
+        """Told each candidate's loss (in ``model_candidates``' order), keep the best."""
         return None
 
     @abstractmethod

@@ -17,28 +17,11 @@ import torch
 from torch import nn
 
 from lowbit.algorithms.base import Algorithm, BlockContext, register
+from lowbit.algorithms.toolkit import input_groups
 from lowbit.errors import LowbitError
 from lowbit.gptq import GPTQResult, HessianAccumulator, gptq_quantize
 from lowbit.qweight import QuantizedWeight, quantize_weight
 from lowbit.scheme import QuantSpec
-
-# A layer's report entry holds floats; a fallback is flagged by one of these keys, and the pipeline
-# turns it into the layer's ``fallback`` text and a run warning.
-FALLBACKS = {"fallback_rtn_zero_hessian": "rtn (Hessian is all zero: the layer saw no input)"}
-
-
-def input_groups(ctx: BlockContext) -> list[list[str]]:
-    """Weight-quantized targets grouped by shared input, in the order the block computes them."""
-    names = [n for n in ctx.targets if ctx.specs[n][0] is not None]
-    groups: list[list[str]] = []
-    placed: set[str] = set()
-    for seq in ctx.arch.sequential:
-        group = [n for n in seq if n in names]
-        if group:
-            groups.append(group)
-            placed.update(group)
-    groups.extend([n] for n in names if n not in placed)
-    return groups
 
 
 @contextlib.contextmanager

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.algorithms.base import Algorithm, BlockContext, register
-from lowbit.algorithms.smoothquant import PAIRS, InputStats, smoothing_loss, smoothing_sites, transform_sites
+from lowbit.algorithms.toolkit import PAIRS, InputStats, smoothing_loss, smoothing_sites, transform_sites
 from lowbit.smoothing import SmoothSite, can_shift, fold_scales, fold_shift
 
 

@@ -12,6 +12,8 @@ from lowbit.qweight import quantize_weight
 @register("rtn", kind="quantizer")
 @dataclass
 class RTN(Algorithm):
+    needs = frozenset()  # the weights alone: a recipe of RTN and dynamic activations runs no forward pass
+
     def apply(self, ctx: BlockContext) -> None:
         for name, linear in ctx.targets.items():
             wspec = ctx.specs[name][0]

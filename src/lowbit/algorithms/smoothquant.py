@@ -30,8 +30,8 @@ its search loss) sees its consumers' final weights.
 
 SmoothQuant+ (Pan et al., 2023; ``smoothquant_plus``) smooths for 4-bit group-wise weight
 quantization with one alpha for the whole model, chosen by the quantized model's output:
-``prepare`` quantizes a copy of the model per candidate alpha (this recipe with the step
-replaced by ``smoothquant`` with ``weight_only=True``) and keeps the alpha whose logits are
+the runner quantizes the model in place per candidate alpha (this recipe with the step replaced
+by ``smoothquant`` with ``weight_only=True``), restores it, and keeps the alpha whose logits are
 closest to the float model's, so the errors of earlier layers count.
 
 The v -> o fold divides the values stored in the KV cache; with a quantized KV cache that
@@ -40,26 +40,20 @@ changes what is quantized there (the search loss does not model it).
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
-import gc
-import math
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from lowbit.algorithms.base import Algorithm, BlockContext, register
+from lowbit.algorithms.toolkit import PAIRS, InputStats, smoothing_loss, smoothing_sites, transform_sites
 from lowbit.errors import LowbitError
-from lowbit.kvcache import kv_paused
-from lowbit.modules import ActQuantizer
-from lowbit.qweight import quantize_weight, spec_observer
-from lowbit.scheme import QuantSpec, Recipe, Step
-from lowbit.smoothing import SmoothSite, check_pre_norm, fold_scales, smooth_site
+from lowbit.scheme import Recipe, Step
+from lowbit.smoothing import SmoothSite, fold_scales
 
-PAIRS = ("norms", "all")
 SEARCH_ROWS = 4096  # calibration tokens kept per pair for the alpha search (memory and time bound)
 MIN_SCALE, MAX_SCALE = 1e-5, 1e5
 
@@ -71,128 +65,6 @@ def smoothing_scales(x_max: torch.Tensor, w_max: torch.Tensor, alpha: float) -> 
     s = x.clamp(min=MIN_SCALE).pow(alpha) / w.clamp(min=MIN_SCALE).pow(1.0 - alpha)
     s = torch.where((x > 0) & (w > 0), s, torch.ones_like(s))
     return s.clamp(MIN_SCALE, MAX_SCALE)
-
-
-class InputStats:
-    """Per-column min and max of a linear's input over all calibration tokens, plus (with
-    ``keep_rows`` > 0) a seeded uniform sample of at most ``keep_rows`` token rows."""
-
-    def __init__(self, keep_rows: int = 0, seed: int = 0) -> None:
-        self.lo: torch.Tensor | None = None
-        self.hi: torch.Tensor | None = None
-        self.keep_rows = keep_rows
-        self.rows: torch.Tensor | None = None
-        self._keys: torch.Tensor | None = None
-        self._gen = torch.Generator().manual_seed(seed)
-
-    def __call__(self, x: torch.Tensor) -> None:
-        rows = x.detach().reshape(-1, x.shape[-1]).float()
-        if rows.shape[0] == 0:
-            return
-        lo, hi = rows.amin(0), rows.amax(0)
-        self.lo = lo if self.lo is None else torch.minimum(self.lo, lo)
-        self.hi = hi if self.hi is None else torch.maximum(self.hi, hi)
-        if self.keep_rows > 0:
-            self._sample(rows)
-
-    def _sample(self, rows: torch.Tensor) -> None:
-        """Keep the rows with the ``keep_rows`` smallest random keys (all of them while they fit)."""
-        keys = torch.rand(rows.shape[0], generator=self._gen, dtype=torch.float64).to(rows.device)
-        if self.rows is not None and self._keys is not None:
-            rows, keys = torch.cat([self.rows, rows]), torch.cat([self._keys, keys])
-        if rows.shape[0] > self.keep_rows:
-            keys, idx = torch.topk(keys, self.keep_rows, largest=False, sorted=False)
-            rows = rows[idx]
-        self.rows, self._keys = rows, keys
-
-    def absmax(self) -> torch.Tensor:
-        """Per-column max |x| (in,)."""
-        if self.lo is None or self.hi is None:
-            raise LowbitError("smoothquant: a smoothed layer saw no calibration input")
-        return torch.maximum(self.lo.abs(), self.hi.abs())
-
-
-def _fake_act(xs: torch.Tensor, spec: QuantSpec, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """``xs`` fake-quantized as the pipeline will: a static range from the spec's observer
-    (min-max: exactly the range over all calibration tokens, from the per-column ``lo``/``hi``
-    of ``xs``; other observers: on the sampled rows), or dynamic at run time."""
-    act = ActQuantizer(spec)
-    if not spec.dynamic:
-        if spec.observer == "minmax":
-            act.set_range(lo.min(), hi.max())
-        else:
-            observer = spec_observer(spec)
-            observer.update(xs)
-            act.set_range(*observer.range())
-    return act(xs)
-
-
-def smoothing_loss(
-    x: torch.Tensor,
-    stats: InputStats,
-    linears: list[nn.Linear],
-    specs: list[tuple[QuantSpec | None, QuantSpec | None]],
-    s_cols: torch.Tensor,
-    refs: list[torch.Tensor] | None = None,
-) -> float:
-    """``sum_c ||Q_a(x / s) Q_w(W_c * s)ᵀ - x W_cᵀ||²`` on the rows ``x`` (n, in).
-
-    ``s_cols``: the scale per input column; ``specs``: each consumer's (weights,
-    input_activations) spec (``None``: stays float). ``refs``: the float outputs ``x W_cᵀ`` if
-    already computed (they do not depend on ``s``).
-    """
-    assert stats.lo is not None and stats.hi is not None
-    s_cols = s_cols.to(x.device, torch.float32)
-    xs = x / s_cols
-    lo, hi = stats.lo / s_cols, stats.hi / s_cols
-    total = 0.0
-    for i, (lin, (wspec, aspec)) in enumerate(zip(linears, specs, strict=True)):
-        w = lin.weight.detach().float()
-        ref = refs[i] if refs is not None else x @ w.T
-        ws = w * s_cols
-        wq = quantize_weight(ws, wspec).dequantize().to(ws.device) if wspec is not None else ws
-        xq = _fake_act(xs, aspec, lo, hi) if aspec is not None else xs
-        total += float((xq @ wq.T - ref).double().pow(2).sum())
-    return total
-
-
-def _submodule(block: nn.Module, name: str) -> nn.Module | None:
-    try:
-        return block.get_submodule(name)
-    except AttributeError:
-        return None  # smooth_site reports it
-
-
-def smoothing_sites(ctx: BlockContext, helps: Callable[[str], bool], pairs: str) -> list[SmoothSite]:
-    """The block's smoothing pairs (``ctx.arch.smooth``) with a consumer that ``helps`` accepts, in
-    the order the block computes them; ``pairs="norms"`` leaves out pairs after a linear (v -> o,
-    up -> down). Refuses post-norm blocks when any pair is found."""
-    sites = []
-    for prev, consumers in ctx.arch.smooth:
-        if not any(helps(c) for c in consumers):
-            continue
-        if pairs == "norms" and isinstance(_submodule(ctx.block, prev), nn.Linear):
-            continue  # v -> o and up -> down only with pairs="all"
-        sites.append(smooth_site(ctx.block, ctx.arch, prev, consumers))
-    if sites:
-        check_pre_norm(ctx.block, ctx.arch)
-    return sites
-
-
-def transform_sites(
-    ctx: BlockContext, sites: list[SmoothSite], keep_rows: int, transform: Callable[[SmoothSite, InputStats], None]
-) -> None:
-    """Collect every pair's input statistics (``keep_rows`` sampled rows each) in one float pass,
-    then call ``transform`` on the pairs from last to first, so a pair's weights are final when
-    its scale is computed (every fold is exact: no fold changes another pair's input)."""
-    if not sites:
-        return
-    observed = {site.observe: InputStats(keep_rows) for site in sites}
-    # the pipeline pauses the KV quantizer around transforms; called directly, do it here too
-    with kv_paused(getattr(ctx.block.get_submodule(ctx.arch.attention), "lowbit_kv", None)):
-        ctx.feed_inputs({ctx.block.get_submodule(name): stats for name, stats in observed.items()})
-    for site in reversed(sites):
-        transform(site, observed[site.observe])
 
 
 def _linears(ctx: BlockContext, names: tuple[str, ...]) -> list[nn.Linear]:
@@ -291,30 +163,6 @@ class SmoothQuant(Algorithm):
 DEFAULT_ALPHAS = (0.05, 0.15, 0.25, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85, 0.95)
 
 
-@torch.no_grad()
-def output_kl(reference: nn.Module, model: nn.Module, ids: torch.Tensor) -> float:
-    """Mean per-token ``KL(reference || model)`` of the next-token distributions on ``ids`` (n, T).
-
-    One sequence per forward pass: a batch of full-vocabulary logits is the largest tensor a
-    search makes (T x vocab floats per sequence, twice). Non-finite results come back as inf.
-    """
-    total, tokens = 0.0, 0
-    for seq in ids.split(1):
-        ref = reference(input_ids=seq, use_cache=False).logits.float().log_softmax(-1)
-        got = model(input_ids=seq, use_cache=False).logits.float().log_softmax(-1)
-        total += float((ref.exp() * (ref - got)).double().sum())
-        tokens += ref.shape[0] * ref.shape[1]
-    kl = total / max(tokens, 1)
-    return kl if math.isfinite(kl) else float("inf")
-
-
-def _release_memory() -> None:
-    """Give a deleted model copy's memory back before the next one is made."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 @register("smoothquant_plus", kind="transform")
 @dataclass
 class SmoothQuantPlus(Algorithm):
@@ -325,15 +173,15 @@ class SmoothQuantPlus(Algorithm):
     ``search_samples``: how many calibration sequences (the first ones) the search uses, both
     to quantize each candidate copy and to score it.
 
-    ``prepare`` (called by ``quantize_model`` before the first block) runs, for each candidate,
-    the whole recipe on a deep copy of the model with this step replaced by
-    ``smoothquant(alpha, pairs, weight_only=True)``, progress bars off, on the search sequences,
-    and scores the copy by the mean per-token ``KL(float || quantized)`` of its next-token
-    distributions against the float model on the same sequences (``output_kl``). The paper
+    Before the first block the runner (``lowbit.pipeline``) runs, for each candidate, the whole
+    recipe with this step replaced by ``smoothquant(alpha, pairs, weight_only=True)`` on the
+    search sequences, in place (the float weights are restored after each candidate, from the
+    model's files or from the blocks' own saved tensors; the model is never copied), and scores
+    it by the mean per-token ``KL(float || quantized)`` of its next-token distributions against
+    the float model on the same sequences. The paper
     scores on the model's output loss; the KL needs no labels, is invariant to the constant
     logit offsets a softmax ignores, is zero exactly when the predictions agree, and is the
-    measure lowbit's evaluation reports. Each copy is deleted before the next one is made, so
-    the search holds at most one copy besides the model. The lowest-KL alpha (the first on
+    measure lowbit's evaluation reports. The lowest-KL alpha (the first on
     ties) is kept in ``self.alpha``, the whole table in ``self.search_results`` as (alpha, KL)
     pairs. ``apply`` then smooths each block exactly as ``smoothquant`` with that alpha
     (``weight_only=True``) and records ``smooth_alpha`` and ``smooth_search_kl`` per consumer.
@@ -373,22 +221,12 @@ class SmoothQuantPlus(Algorithm):
         name = f"{recipe.name} (smoothquant_plus candidate alpha={alpha:g})"
         return dataclasses.replace(recipe, steps=(*steps[:i], step, *steps[i + 1 :]), name=name)
 
-    def prepare(self, model: nn.Module, recipe: Recipe, calib: torch.Tensor, batch_size: int) -> None:
-        from lowbit.pipeline import quantize_model  # the pipeline imports the algorithms
+    def model_candidates(self, recipe: Recipe) -> list[tuple[Any, Recipe]]:
+        return [(alpha, self.candidate_recipe(recipe, alpha)) for alpha in self.alphas]
 
-        search = calib[: self.search_samples]
-        results: list[tuple[float, float]] = []
-        for alpha in self.alphas:
-            trial = self.candidate_recipe(recipe, alpha)
-            candidate = copy.deepcopy(model)
-            try:
-                quantize_model(candidate, trial, search, batch_size, progress=False)
-                results.append((alpha, output_kl(model, candidate, search)))
-            finally:
-                del candidate
-                _release_memory()
-        self.search_results = results
-        alpha, kl = min(results, key=lambda r: r[1])
+    def choose(self, results: list[tuple[Any, float]]) -> None:
+        self.search_results = [(float(a), kl) for a, kl in results]
+        alpha, kl = min(self.search_results, key=lambda r: r[1])
         if kl == float("inf"):
             raise LowbitError(f"smoothquant_plus: every candidate alpha {list(self.alphas)} gave non-finite logits")
         self.alpha, self.search_kl = alpha, kl
@@ -396,8 +234,8 @@ class SmoothQuantPlus(Algorithm):
     def apply(self, ctx: BlockContext) -> None:
         if self.alpha is None:
             raise LowbitError(
-                "smoothquant_plus has no alpha yet: its search runs in prepare(model, recipe, calib, batch_size), "
-                "which quantize_model calls before the first block"
+                "smoothquant_plus has no alpha yet: the runner searches it (model_candidates, choose) "
+                "before the first block"
             )
         smooth = SmoothQuant(alpha=self.alpha, pairs=self.pairs, weight_only=True)
         consumers = [c for site in smooth.sites(ctx) for c in site.consumers if c in ctx.targets]
