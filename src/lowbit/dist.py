@@ -216,6 +216,10 @@ def _worker(
     except BaseException as e:  # reported to the parent, which re-raises it
         with contextlib.suppress(Exception):  # if the queue itself broke, the parent sees the exit code
             results.put((rank_, "error", f"{type(e).__name__}: {e}", traceback.format_exc()))
+            # flushed before the group goes down, so this report reaches the parent before the
+            # errors of the ranks that lose their connection to this one
+            results.close()
+            results.join_thread()
     finally:
         if tdist.is_initialized():
             tdist.destroy_process_group()
