@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lowbit import dist
 from lowbit.errors import LowbitError
 from lowbit.observers import row_range
 from lowbit.primitives import SCALE_DTYPES, qparams, quantize
@@ -36,7 +37,10 @@ from lowbit.scheme import QuantSpec
 
 
 class HessianAccumulator:
-    """Running ``sum x xᵀ`` over the rows of streamed activations ``(..., in)``; no activations kept."""
+    """Running ``sum x xᵀ`` over the rows of streamed activations ``(..., in)``; no activations kept.
+
+    Data-parallel calibration: each rank adds its share of the inputs, then :meth:`reduce` once.
+    """
 
     def __init__(self, in_features: int, dtype: torch.dtype = torch.float32) -> None:
         self.sum = torch.zeros(in_features, in_features, dtype=dtype)
@@ -48,6 +52,17 @@ class HessianAccumulator:
             raise LowbitError(f"activation width {x.shape[1]} does not match the Hessian's {self.sum.shape[0]}")
         self.sum.addmm_(x.T, x)
         self.count += x.shape[0]
+
+    def reduce(self) -> None:
+        """Sum ``sum`` and ``count`` over the ranks of torch.distributed (a collective: every rank
+        calls it), so the accumulator equals one fed every rank's inputs, up to the order of the
+        floating-point sums. A no-op in a single process. Call it exactly once, after the last
+        :meth:`add` and before :meth:`hessian` (a second call would multiply by the world size)."""
+        if dist.world() == 1:
+            return
+        dist.all_reduce_sum_(self.sum)
+        count = torch.tensor(self.count, dtype=torch.int64)
+        self.count = int(dist.all_reduce_sum_(count))
 
     def hessian(self) -> torch.Tensor:
         """``H = 2 X Xᵀ / n`` in float32 (zeros when nothing was added)."""

@@ -60,6 +60,16 @@ class KVQuantizer(nn.Module):
             for h, o in enumerate(obs):
                 o.update(x[:, h].detach())
 
+    def reduce(self) -> None:
+        """Combine the static ranges observed on every torch.distributed rank (a collective:
+        every rank calls it exactly once, after the last observed pass and before
+        :meth:`finish_calibration`). A no-op for dynamic specs and in a single process."""
+        if self.spec.dynamic:
+            return
+        for obs in self._observers.values():
+            for o in obs:
+                o.reduce()
+
     def finish_calibration(self) -> None:
         """Turn the observed ranges into scales and zero points (static granularities)."""
         s = self.spec

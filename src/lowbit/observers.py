@@ -4,6 +4,13 @@
 ``(R, N)`` tensor. The observer classes are stateful, for activations: one range per tensor,
 accumulated over calibration batches. Symmetric callers use ``max(|lo|, |hi|)``. Numerics run
 in float32; NaN or inf inputs raise :class:`LowbitError` instead of poisoning the range.
+
+Data-parallel calibration (:mod:`lowbit.dist`): each rank updates its observers with its share
+of the samples and calls ``reduce()`` once before ``range()``. Min-max ranges are then exactly
+the single-process ones; the moving average is folded over the ranks in rank order (equal up
+to rounding when the ranks' batches are the single process's batches); sampled observers
+(percentile, entropy, MSE) gather their samples, which is exact while everything seen fits in
+``max_samples`` and otherwise a uniform sample of the same size from all ranks' values.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lowbit import dist
 from lowbit.errors import LowbitError
 
 FakeQuant = Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -26,6 +34,7 @@ x (R, N). Supplied by the caller, which knows the number format and the symmetry
 _QUANTILE_MAX = 2**24  # torch.quantile refuses inputs with more elements than this
 _MSE_CHUNK = 2**22  # rows are searched in chunks of about this many elements
 _KL_EPS = 1e-10  # stands in for Q where Q == 0 but P > 0 (as NVIDIA's calibrators do)
+_RANK_SEED_STRIDE = 1_000_003  # rank r's reservoir keys are seeded with seed + r * this (rank 0: seed)
 
 _ROW_METHOD_ARGS = {"minmax": (), "percentile": ("percentile",), "mse": ("grid", "maxshrink", "norm")}
 
@@ -190,6 +199,10 @@ class Observer(Protocol):
     def range(self) -> tuple[Tensor, Tensor]:
         """0-d float32 tensors lo, hi. LowbitError if no non-empty update was seen."""
 
+    def reduce(self) -> None:
+        """Combine the state of every torch.distributed rank (a collective: every rank calls it,
+        exactly once, after its last ``update`` and before ``range``). A no-op in one process."""
+
 
 def _flat(x: Tensor) -> Tensor:
     _check_finite(x, "activation passed to observer.update()")
@@ -217,7 +230,7 @@ class _Reservoir:
         """x: (n,) float32."""
         if self._gen is None:
             self._gen = torch.Generator(device=x.device)
-            self._gen.manual_seed(self.seed)
+            self._gen.manual_seed(self.seed + _RANK_SEED_STRIDE * dist.rank())  # independent keys per rank
         device = self._gen.device
         x = x.to(device)
         keys = torch.rand(x.numel(), generator=self._gen, device=device, dtype=torch.float64)
@@ -231,6 +244,22 @@ class _Reservoir:
             x = x[idx]
         self.values, self._keys = x, keys
 
+    def reduce(self) -> None:
+        """Gather every rank's kept values (in rank order) and keep the ``size`` with the smallest
+        keys: all of them while they fit, else a uniform sample of all ranks' values (each rank's
+        reservoir holds its smallest keys, so the union holds the overall smallest)."""
+        if dist.world() == 1:
+            return
+        values = self.values if self.values is not None else torch.empty(0, dtype=torch.float32)
+        keys = self._keys if self._keys is not None else torch.empty(0, dtype=torch.float64)
+        values, keys = dist.all_gather_cat(values), dist.all_gather_cat(keys.to(values.device))
+        if values.numel() == 0:
+            return
+        if values.numel() > self.size:
+            keys, idx = torch.topk(keys, self.size, largest=False, sorted=False)
+            values = values[idx]
+        self.values, self._keys = values, keys
+
 
 class MinMaxObserver:
     """Running global min and max."""
@@ -238,14 +267,18 @@ class MinMaxObserver:
     def __init__(self) -> None:
         self._lo: Tensor | None = None
         self._hi: Tensor | None = None
+        self._batches = 0  # non-empty updates seen, and the first one's range (for reduce)
+        self._first: tuple[Tensor, Tensor] | None = None
 
     def update(self, x: Tensor) -> None:
         x = _flat(x)
         if x.numel() == 0:
             return
         lo, hi = (v.float() for v in torch.aminmax(x))
+        self._batches += 1
         if self._lo is None or self._hi is None:
             self._lo, self._hi = lo, hi
+            self._first = (lo, hi)
         else:
             self._lo, self._hi = self._merge(self._lo, self._hi, lo, hi)
 
@@ -256,6 +289,18 @@ class MinMaxObserver:
         if self._lo is None or self._hi is None:
             raise _no_data(type(self).__name__)
         return self._lo, self._hi
+
+    def reduce(self) -> None:
+        """Min of the ranks' lows and max of their highs: exactly the single-process range."""
+        if dist.world() == 1:
+            return
+        inf = torch.tensor(math.inf, dtype=torch.float32)
+        lo = (self._lo if self._lo is not None else inf).clone()
+        hi = (self._hi if self._hi is not None else -inf).clone()
+        dist.all_reduce_min_(lo)
+        dist.all_reduce_max_(hi)
+        if bool(torch.isfinite(lo)):  # some rank saw data (inputs are checked finite)
+            self._lo, self._hi = lo, hi
 
 
 class MovingAverageMinMaxObserver(MinMaxObserver):
@@ -271,6 +316,37 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
 
     def _merge(self, lo: Tensor, hi: Tensor, batch_lo: Tensor, batch_hi: Tensor) -> tuple[Tensor, Tensor]:
         return lo + self.momentum * (batch_lo - lo), hi + self.momentum * (batch_hi - hi)
+
+    def reduce(self) -> None:
+        """Continue the average over the ranks in rank order, as one process would have seen
+        their batches: a rank's ``k`` batches (first batch ``c``, average ``e``) turn the running
+        value ``a`` into ``(1 - m)^k a + e - (1 - m)^k c``. Computed in float64, so equal to the
+        single process up to rounding when the ranks' batches are its batches (contiguous shares
+        that are multiples of the batch size)."""
+        if dist.world() == 1:
+            return
+        row = torch.zeros(5, dtype=torch.float64)
+        if self._lo is not None and self._hi is not None and self._first is not None:
+            row = torch.tensor(
+                [self._batches, float(self._first[0]), float(self._first[1]), float(self._lo), float(self._hi)],
+                dtype=torch.float64,
+            )
+        acc: Tensor | None = None
+        batches = 0
+        for r in dist.all_gather(row):
+            k = int(r[0])
+            if k == 0:
+                continue
+            batches += k
+            if acc is None:
+                acc = r[3:5].clone()
+            else:
+                decay = (1.0 - self.momentum) ** k
+                acc = decay * acc + r[3:5] - decay * r[1:3]
+        if acc is not None:
+            device = self._lo.device if self._lo is not None else torch.device("cpu")
+            self._lo, self._hi = (v.to(device=device, dtype=torch.float32) for v in acc)
+            self._batches = batches
 
 
 class _SampledObserver:
@@ -291,6 +367,10 @@ class _SampledObserver:
 
     def _observe(self, x: Tensor) -> None:
         self._sample.add(x)
+
+    def reduce(self) -> None:
+        """Gather the ranks' samples (see :meth:`_Reservoir.reduce`)."""
+        self._sample.reduce()
 
     def _values(self) -> Tensor:
         if self._sample.values is None:
@@ -337,6 +417,16 @@ class EntropyObserver(_SampledObserver):
         self._amax = amax if self._amax is None else torch.maximum(self._amax, amax.to(self._amax.device))
         self._sample.add(a)
 
+    def reduce(self) -> None:
+        """Max of the ranks' max|x| (exact) and their gathered samples."""
+        super().reduce()
+        if dist.world() == 1:
+            return
+        amax = (self._amax if self._amax is not None else torch.tensor(-1.0)).float().clone()
+        dist.all_reduce_max_(amax)
+        if float(amax) >= 0:
+            self._amax = amax
+
     def range(self) -> tuple[Tensor, Tensor]:
         values = self._values()
         amax = float(self._amax) if self._amax is not None else 0.0
@@ -371,6 +461,11 @@ class MseObserver(_SampledObserver):
     def _observe(self, x: Tensor) -> None:
         self._minmax.update(x)
         self._sample.add(x)
+
+    def reduce(self) -> None:
+        """The ranks' min / max (exact) and their gathered samples."""
+        super().reduce()
+        self._minmax.reduce()
 
     def range(self) -> tuple[Tensor, Tensor]:
         sample = self._values()[None]
