@@ -8,8 +8,8 @@ dequantized weights otherwise, with a note saying which layers, why and the erro
 Norms and biases are float32; the embedding and an unquantized lm_head are float16 (or
 ``--opt embeddings=TYPE``); a tied lm_head is written once. Refused: activation or KV-cache
 quantization (llama.cpp quantizes activations and its KV cache its own way, so the result would
-silently differ), OWQ float columns, architectures other than those in
-:data:`~lowbit.export.gguf_names.GGUF_ARCHS`, and rows that are not whole blocks.
+silently differ), OWQ float columns, architectures whose entry in :data:`lowbit.archs.ARCHS` has no
+``gguf`` part (the names, metadata keys and quirks come from there), and rows that are not whole blocks.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from lowbit.export.gguf_layers import (
     encode_quantized,
     relative_error,
 )
-from lowbit.export.gguf_names import GGUF_ARCHS, GGUFArch, head_row_order
+from lowbit.export.gguf_names import GGUF_ARCHS, GGUFArch, gguf_arch, head_row_order
 from lowbit.export.gguf_tokenizer import tokenizer_meta
 from lowbit.modules import QuantLinear
 
@@ -102,7 +102,7 @@ def _embedding_weight(model: nn.Module, getter: str) -> torch.Tensor | None:
 def _plan(model: nn.Module) -> _Plan:
     config: Any = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
-    arch = GGUF_ARCHS.get(str(model_type))
+    arch = gguf_arch(model_type)
     if arch is None:
         detail = f"{model_type!r}; the GGUF exporter writes {', '.join(GGUF_ARCHS)}"
         return _Plan(None, problems=[Problem("model", "architecture", detail)])

@@ -1,105 +1,49 @@
-"""Architecture knowledge for GGUF files, as data: tensor names, metadata keys, per-arch quirks.
+"""GGUF names and quirks of each family, read from the architecture table (:data:`lowbit.archs.ARCHS`).
 
-For each supported Hugging Face ``model_type``: llama.cpp's architecture name, the HF -> GGUF
-tensor names (model-level and per decoder block, ``{i}`` the block index), the metadata keys
-and the config attributes they come from, and the quirks:
-
-- ``permute``: GGUF tensors whose rows llama.cpp's arch stores reordered within each head (and
-  the config attribute with that tensor's head count): the ``llama`` arch keeps ``attn_q``/``attn_k``
-  rows as interleaved pairs rather than HF's two halves, as convert_hf_to_gguf's ``permute`` does;
-  transformers' GGUF loader reverses it. The permutation moves whole rows, so codes survive it.
-- ``head_dim_key``: whether readers take the head size from ``rope.dimension_count``; archs
-  without it (qwen2) must have ``head_dim == hidden_size / num_attention_heads``.
-- ``config_must``: config attributes that must hold a value, or the file would describe another
-  model (e.g. a llama with attention biases: llama.cpp's llama has none).
+The knowledge itself (llama.cpp's architecture name, the HF -> GGUF tensor names, metadata keys,
+the q/k row permutation, ``head_dim_key``, ``config_must``) is each table entry's ``gguf`` part, a
+:class:`~lowbit.archs.GGUFArch`; this module keeps the names other code imports (``GGUFArch``,
+``GGUF_ARCHS``: model_type -> its GGUF part, a live view of the table) and the permutation's code.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 
-# HF name (under the model) -> GGUF name
-_MODEL = {
-    "model.embed_tokens.weight": "token_embd.weight",
-    "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
-}
-_BLOCK = {
-    "input_layernorm.weight": "attn_norm.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.o_proj.weight": "attn_output.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-}
-_QKV_BIAS = {
-    "self_attn.q_proj.bias": "attn_q.bias",
-    "self_attn.k_proj.bias": "attn_k.bias",
-    "self_attn.v_proj.bias": "attn_v.bias",
-}
+from lowbit import archs
+from lowbit.archs import GGUFArch
 
-# GGUF metadata key (under the arch) -> config attribute; all unsigned 32-bit integers
-_INT_KEYS = {
-    "context_length": "max_position_embeddings",
-    "embedding_length": "hidden_size",
-    "block_count": "num_hidden_layers",
-    "feed_forward_length": "intermediate_size",
-    "attention.head_count": "num_attention_heads",
-    "attention.head_count_kv": "num_key_value_heads",
-}
-_FLOAT_KEYS = {"attention.layer_norm_rms_epsilon": "rms_norm_eps"}
+__all__ = ["GGUF_ARCHS", "GGUFArch", "gguf_arch", "head_row_order"]
 
 
-@dataclass(frozen=True)
-class GGUFArch:
-    arch: str  # llama.cpp's general.architecture
-    blocks: str  # HF prefix of decoder block i
-    model_names: dict[str, str]
-    block_names: dict[str, str]
-    permute: dict[str, str]
-    head_dim_key: bool
-    config_must: dict[str, Any] = field(default_factory=dict)
-    int_keys: dict[str, str] = field(default_factory=lambda: dict(_INT_KEYS))
-    float_keys: dict[str, str] = field(default_factory=lambda: dict(_FLOAT_KEYS))
-
-    def gguf_name(self, hf_name: str) -> str | None:
-        """The GGUF tensor name of an HF state-dict key, or None if the arch has none."""
-        if hf_name in self.model_names:
-            return self.model_names[hf_name]
-        prefix = self.blocks + "."
-        if hf_name.startswith(prefix):
-            index, _, rest = hf_name[len(prefix) :].partition(".")
-            if index.isdigit() and rest in self.block_names:
-                return f"blk.{index}.{self.block_names[rest]}"
-        return None
+def gguf_arch(model_type: object) -> GGUFArch | None:
+    """The GGUF part of ``model_type``'s table entry (None: unknown, or the GGUF exporter does not support it)."""
+    entry = archs.ARCHS.get(model_type) if isinstance(model_type, str) else None
+    return None if entry is None else entry.gguf
 
 
-GGUF_ARCHS: dict[str, GGUFArch] = {
-    "llama": GGUFArch(
-        arch="llama",
-        blocks="model.layers",
-        model_names=_MODEL,
-        block_names=_BLOCK,
-        permute={"attn_q.weight": "num_attention_heads", "attn_k.weight": "num_key_value_heads"},
-        head_dim_key=True,
-        config_must={"attention_bias": False, "mlp_bias": False},
-    ),
-    "qwen2": GGUFArch(
-        arch="qwen2",
-        blocks="model.layers",
-        model_names=_MODEL,
-        block_names={**_BLOCK, **_QKV_BIAS},
-        permute={},
-        head_dim_key=False,
-        config_must={"use_sliding_window": False},
-    ),
-}
+class _GGUFArchs(Mapping[str, GGUFArch]):
+    """model_type -> GGUFArch for every family whose table entry has a GGUF part, read at each access."""
+
+    def __getitem__(self, model_type: str) -> GGUFArch:
+        arch = gguf_arch(model_type)
+        if arch is None:
+            raise KeyError(model_type)
+        return arch
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(archs.families_with("gguf"))
+
+    def __len__(self) -> int:
+        return len(archs.families_with("gguf"))
+
+    def __repr__(self) -> str:
+        return f"GGUF_ARCHS({dict(self)!r})"
+
+
+GGUF_ARCHS: Mapping[str, GGUFArch] = _GGUFArchs()
 
 
 def head_row_order(rows: int, n_head: int) -> np.ndarray:

@@ -11,13 +11,13 @@ RMSNorm, RoPE (the model's own ``inv_freq`` and ``attention_scaling``, so defaul
 llama3 and yarn RoPE are exact; length-dependent kinds are refused), grouped-query attention
 (the query heads of a KV head are stacked, so the cache is never repeated), SwiGLU MLP and the
 (tied or separate) LM head are plain ONNX ops; the linear layers come from
-:mod:`lowbit.export.onnx_linear`. The architectures are data: ``LAYOUTS``.
+:mod:`lowbit.export.onnx_linear`. The architectures are data: the ``onnx`` part (an
+:class:`~lowbit.archs.OnnxLayout`) of each entry in :data:`lowbit.archs.ARCHS`, and its ``blocks``.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -25,61 +25,49 @@ import onnx
 import torch
 from torch import nn
 
+from lowbit import archs
+from lowbit.archs import Arch, OnnxLayout
 from lowbit.export.base import Problem, kv_spec, quantized_linears
 from lowbit.export.onnx_builder import FLOAT, INT64, GraphBuilder, value_info
 from lowbit.export.onnx_linear import linear_problems, lower_linear
 
-
-@dataclass(frozen=True)
-class Layout:
-    """Where the parts of one decoder family are (module paths relative to the model / a block)."""
-
-    embed: str = "model.embed_tokens"
-    layers: str = "model.layers"
-    final_norm: str = "model.norm"
-    lm_head: str = "lm_head"
-    rotary: str = "model.rotary_emb"
-    input_norm: str = "input_layernorm"
-    post_norm: str = "post_attention_layernorm"
-    attn: tuple[str, str, str, str] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
-    mlp: tuple[str, str, str] = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-    qk_norm: tuple[str, str] | None = None  # per-head RMSNorm of queries and keys (Qwen3)
-
-
-_LLAMA = Layout()
-LAYOUTS: dict[str, Layout] = {
-    "llama": _LLAMA,
-    "mistral": _LLAMA,
-    "qwen2": _LLAMA,  # q/k/v biases are the modules' own
-    "qwen3": replace(_LLAMA, qk_norm=("self_attn.q_norm", "self_attn.k_norm")),
-}
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # fixed inv_freq: exact in the graph
 ACTIVATIONS = ("silu",)
+NORMS = ("rms",)  # the table's norm kinds the graph computes
 
 
-def _layers(model: nn.Module, layout: Layout) -> nn.ModuleList:
-    layers = model.get_submodule(layout.layers)
+def onnx_arch(model: nn.Module) -> tuple[Arch, OnnxLayout] | None:
+    """``model``'s table entry and its ONNX layout (None: unknown, or the ONNX exporter does not support it)."""
+    entry = archs.ARCHS.get(archs.model_type_of(model))
+    return None if entry is None or entry.onnx is None else (entry, entry.onnx)
+
+
+def _layers(model: nn.Module, arch: Arch) -> nn.ModuleList:
+    layers = model.get_submodule(arch.blocks)
     assert isinstance(layers, nn.ModuleList)
     return layers
 
 
-def linear_sites(model: nn.Module, layout: Layout) -> list[str]:
+def linear_sites(model: nn.Module, arch: Arch, layout: OnnxLayout) -> list[str]:
     """Names of every linear layer the graph computes, in order."""
     names = []
-    for i in range(len(_layers(model, layout))):
-        names += [f"{layout.layers}.{i}.{s}" for s in (*layout.attn, *layout.mlp)]
+    for i in range(len(_layers(model, arch))):
+        names += [f"{arch.blocks}.{i}.{s}" for s in (*layout.attn, *layout.mlp)]
     return [*names, layout.lm_head]
 
 
 def model_problems(model: nn.Module) -> list[Problem]:
     """Everything that keeps ``model`` out of the graph (empty: it can be built)."""
     config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in LAYOUTS:
-        supported = ", ".join(LAYOUTS)
-        return [Problem("model", "architecture", f"{model_type!r}; the ONNX exporter builds {supported} decoders")]
-    layout = LAYOUTS[model_type]
+    found = onnx_arch(model)
+    if found is None:
+        supported = ", ".join(archs.families_with("onnx"))
+        detail = f"{archs.model_type_of(model)!r}; the ONNX exporter builds {supported} decoders"
+        return [Problem("model", "architecture", detail)]
+    arch, layout = found
     problems = []
+    if arch.norm not in NORMS:
+        problems.append(Problem("model", "norm", f"{arch.norm!r} norms; the graph has {', '.join(NORMS)}"))
     act = getattr(config, "hidden_act", None)
     if act not in ACTIVATIONS:
         problems.append(Problem("model", "MLP activation", f"{act!r}; the graph has {', '.join(ACTIVATIONS)}"))
@@ -93,7 +81,7 @@ def model_problems(model: nn.Module) -> list[Problem]:
         problems.append(Problem("kv_cache", "KV-cache quantization", "the ONNX graph keeps the KV cache in float32"))
     if not isinstance(model.get_submodule(layout.embed), nn.Embedding):
         problems.append(Problem(layout.embed, "layer type", "the token embedding is not an nn.Embedding"))
-    sites = linear_sites(model, layout)
+    sites = linear_sites(model, arch, layout)
     for name in sites:
         problems += linear_problems(name, model.get_submodule(name))
     for name, _ in quantized_linears(model):
@@ -131,10 +119,11 @@ def sliding_window(config: Any, layer: int) -> int | None:
 
 def build_decoder(model: nn.Module, accuracy_level: int = 0) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """The ONNX model and a description of its inputs and outputs. ``model_problems`` must be empty."""
-    layout = LAYOUTS[_config(model).model_type]
+    found = onnx_arch(model)
+    assert found is not None, "model_problems() refuses this model"
     d = _dims(model)
     g = GraphBuilder()
-    b = _Decoder(g, model, layout, d, accuracy_level)
+    b = _Decoder(g, model, *found, d, accuracy_level)
     logits = b.run()
     n = d["layers"]
     kv_shape: list[int | str | None] = ["batch", d["kv_heads"], "past", d["head_dim"]]
@@ -160,8 +149,11 @@ def build_decoder(model: nn.Module, accuracy_level: int = 0) -> tuple[onnx.Model
 
 
 class _Decoder:
-    def __init__(self, g: GraphBuilder, model: nn.Module, layout: Layout, d: dict[str, int], acc: int) -> None:
+    def __init__(
+        self, g: GraphBuilder, model: nn.Module, arch: Arch, layout: OnnxLayout, d: dict[str, int], acc: int
+    ) -> None:
         self.g, self.model, self.layout, self.d, self.acc = g, model, layout, d, acc
+        self.blocks = arch.blocks
         self.present: list[tuple[str, str]] = []
         self.linears: dict[str, tuple[str, str]] = {}  # layer -> its input and output tensor names
 
@@ -187,7 +179,7 @@ class _Decoder:
         self.embed = self._w(layout.embed)
         h = g.op("Gather", self.embed, "input_ids", axis=0, name="embeddings")
         for i in range(d["layers"]):
-            prefix = f"{layout.layers}.{i}"
+            prefix = f"{self.blocks}.{i}"
             attn = self.attention(self.rms_norm(h, f"{prefix}.{layout.input_norm}"), i)
             h = g.op("Add", h, attn, name=f"{prefix}.attn_res")
             x = self.rms_norm(h, f"{prefix}.{layout.post_norm}")
@@ -265,7 +257,7 @@ class _Decoder:
 
     def attention(self, x: str, i: int) -> str:
         g, d, layout = self.g, self.d, self.layout
-        prefix = f"{layout.layers}.{i}"
+        prefix = f"{self.blocks}.{i}"
         q_n, k_n, v_n, o_n = (f"{prefix}.{s}" for s in layout.attn)
         q_norm, k_norm = (f"{prefix}.{s}" for s in layout.qk_norm) if layout.qk_norm else (None, None)
         q = self.rope(self.heads(self.linear(x, q_n), d["heads"], q_norm))
