@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowbit import defaults
+from lowbit import defaults, dist
 from lowbit.activations import ActivationStore, BlockInputs, Spill, capture_calibration_inputs, kwargs_to
 from lowbit.algorithms import Algorithm, BlockContext, build_algorithm
 from lowbit.archs import decoder_blocks, get_arch
@@ -63,7 +63,13 @@ class Source(Protocol):
 class Sink(Protocol):
     def finished(self) -> list[int]: ...
     def write_block(
-        self, index: int, tensors: dict[str, torch.Tensor], layers: dict[str, Any], state: dict[str, Any]
+        self,
+        index: int,
+        tensors: dict[str, torch.Tensor],
+        layers: dict[str, Any],
+        state: dict[str, Any],
+        *,
+        kv_cache: dict[str, Any] | None = None,
     ) -> None: ...
     def save_boundary(self, index: int, hidden: list[torch.Tensor]) -> None: ...
     def load_boundary(self) -> tuple[int, list[torch.Tensor]] | None: ...
@@ -123,6 +129,13 @@ def run(source: Source, recipe: Any, calib: torch.Tensor, options: RunOptions, s
     algorithms: list[Algorithm] = [build_algorithm(s.name, s.params) for s in recipe.steps]
     if recipe.scheme.weights is not None and not any(a.kind == "quantizer" for a in algorithms):
         raise LowbitError(f"recipe {recipe.name!r} quantizes weights but has no quantizer step (e.g. rtn)")
+    if dist.world() > 1:
+        serial = sorted({a.name for a in algorithms if not a.splits_exactly()})
+        if serial:
+            raise LowbitError(
+                f"step(s) {', '.join(serial)} search or train on their own calibration samples and would decide "
+                f"differently on each of the {dist.world()} workers; run them with one worker (drop --workers)"
+            )
     device = resolve_device(options.device)
     model = source.model
     model.eval()
@@ -215,14 +228,15 @@ def _emit(
     err: float | None,
     outputs: ActivationStore | None,
 ) -> None:
-    """Write a finished block, then the hidden states after it (what a resumed run starts from)."""
+    """Write a finished block, then the hidden states after it. The sink keeps, on resume, the
+    blocks up to the last saved boundary: a block whose outputs were lost is done again."""
     from lowbit.checkpoint import block_tensors
 
     tensors, table, kv = block_tensors(block, prefix)
-    state = {"layers": [dataclasses.asdict(r) for r in rows], "block_error": err, "kv_cache": kv}
-    if outputs is not None:
+    state = {"layers": [dataclasses.asdict(r) for r in rows], "block_error": err}
+    sink.write_block(index, tensors, table, state, kv_cache=kv)
+    if outputs is not None:  # the next block's inputs: what a resumed run starts from
         sink.save_boundary(index, list(outputs))
-    sink.write_block(index, tensors, table, state)
 
 
 def _resumed(sink: Sink) -> tuple[int, list[LayerReport], list[float]]:

@@ -178,11 +178,10 @@ def _float_pass(
         for _ in ctx.forward_iter(hooks):
             pass
     for observer in observers.values():
-        reduce = getattr(observer, "reduce", None)
-        if reduce is not None:
-            reduce()  # across data-parallel workers (a no-op in one process)
+        observer.reduce()  # across data-parallel workers (a no-op in one process)
     if kvq is not None:
         if kvq.observing:
+            kvq.reduce()  # across data-parallel workers (a no-op in one process)
             kvq.finish_calibration()
         kvq.enabled = True
     return store

@@ -94,8 +94,16 @@ class Algorithm(ABC):
     # statistics, Hessians or a search); empty for a data-free step (RTN), which lets a run make no
     # forward pass at all
     needs: ClassVar[frozenset[str]] = frozenset({"inputs"})
+    # whether the step gives the single-process result when the calibration samples are split over
+    # data-parallel workers (its statistics are all-reduced); steps that search or train on their
+    # own share of the samples would decide differently on each worker, and are refused there
+    data_parallel: ClassVar[bool] = False
     # a model-level search (SmoothQuant+'s alpha): the samples it uses; see ``model_candidates``
     search_samples: int = 0
+
+    def splits_exactly(self) -> bool:
+        """Whether this step, as configured, may run on data-parallel workers (``data_parallel``)."""
+        return self.data_parallel
 
     def model_candidates(self, recipe: Recipe) -> list[tuple[Any, Recipe]]:
         """A search whose loss is the model's output (SmoothQuant+'s alpha): (candidate, the recipe

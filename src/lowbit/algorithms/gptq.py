@@ -42,6 +42,8 @@ class GPTQ(Algorithm):
     (columns by descending diag H), ``static_groups`` (group parameters fixed before reordering,
     no g_idx needed), ``true_sequential`` (each sub-layer sees the quantized ones before it)."""
 
+    data_parallel = True  # Hessians are sums over the samples: all-reduced across workers
+
     block_size: int = 128
     damp: float = 0.01
     act_order: bool = True
@@ -70,6 +72,8 @@ class GPTQ(Algorithm):
         """One Hessian per group, from the input of its first member."""
         accs = [HessianAccumulator(ctx.targets[g[0]].in_features) for g in groups]
         ctx.feed_inputs({ctx.targets[g[0]]: acc.add for g, acc in zip(groups, accs, strict=True)})
+        for acc in accs:
+            acc.reduce()  # sums over data-parallel workers (a no-op in one process)
         return [acc.hessian() for acc in accs]
 
     def _keep_columns(self, w: torch.Tensor, h: torch.Tensor, spec: QuantSpec) -> torch.Tensor | None:

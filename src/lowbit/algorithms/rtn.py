@@ -13,6 +13,7 @@ from lowbit.qweight import quantize_weight
 @dataclass
 class RTN(Algorithm):
     needs = frozenset()  # the weights alone: a recipe of RTN and dynamic activations runs no forward pass
+    data_parallel = True
 
     def apply(self, ctx: BlockContext) -> None:
         for name, linear in ctx.targets.items():

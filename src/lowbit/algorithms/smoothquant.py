@@ -89,6 +89,9 @@ class SmoothQuant(Algorithm):
     grid: int = 20
     weight_only: bool = False
 
+    def splits_exactly(self) -> bool:
+        return not self.search  # the max |X_j| are all-reduced; a search scores its own share of rows
+
     def __post_init__(self) -> None:
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float) or not 0 <= self.alpha <= 1:
             raise ValueError(f"alpha must be a number in [0, 1], got {self.alpha!r}")

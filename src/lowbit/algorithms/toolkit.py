@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from lowbit import dist
 from lowbit.algorithms.base import BlockContext
 from lowbit.errors import LowbitError
 from lowbit.kvcache import kv_paused
@@ -75,6 +76,16 @@ class InputStats:
             keys, idx = torch.topk(keys, self.keep_rows, largest=False, sorted=False)
             rows = rows[idx]
         self.rows, self._keys = rows, keys
+
+    def reduce(self) -> None:
+        """Combine the column ranges of every data-parallel worker (a collective; a no-op in one
+        process). The row sample stays this worker's own."""
+        if dist.world() == 1:
+            return
+        if self.lo is None or self.hi is None:
+            raise LowbitError("a data-parallel worker saw no calibration input; give more samples than workers")
+        dist.all_reduce_min_(self.lo)
+        dist.all_reduce_max_(self.hi)
 
     def absmax(self) -> torch.Tensor:
         """Per-column max |x| (in,)."""
@@ -162,5 +173,7 @@ def transform_sites(
     # the pipeline pauses the KV quantizer around transforms; called directly, do it here too
     with kv_paused(getattr(ctx.block.get_submodule(ctx.arch.attention), "lowbit_kv", None)):
         ctx.feed_inputs({ctx.block.get_submodule(name): stats for name, stats in observed.items()})
+    for stats in observed.values():
+        stats.reduce()
     for site in reversed(sites):
         transform(site, observed[site.observe])
