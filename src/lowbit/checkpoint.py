@@ -61,6 +61,7 @@ __all__ = [
     "block_tensors",
     "is_quantized_dir",
     "load_quantized",
+    "outer_tensors",
     "plain_tensors",
     "save_quantized",
     "weight_files",
@@ -215,6 +216,18 @@ def block_prefixes(model: nn.Module) -> list[str]:
     return [f"{arch.blocks}.{i}" for i in range(len(blocks))]
 
 
+def outer_tensors(
+    model: nn.Module, prefixes: list[str] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Everything outside the decoder blocks (``prefixes``, default ``block_prefixes(model)``):
+    (tensors, layer entries of quantized linears there, e.g. a quantized head); for
+    ``CheckpointSink.finish``."""
+    tensors, layers, kv = _module_tensors(model, "", block_prefixes(model) if prefixes is None else prefixes)
+    if kv is not None:
+        raise LowbitError("a KV-cache quantizer outside the decoder blocks cannot be saved")
+    return tensors, layers
+
+
 def save_quantized(
     model: nn.Module, tokenizer: Any, out_dir: str | Path, provenance: dict[str, Any], overwrite: bool = False
 ) -> Path:
@@ -228,9 +241,7 @@ def save_quantized(
         for i, prefix in enumerate(prefixes):
             tensors, layers, kv = block_tensors(model.get_submodule(prefix), prefix)
             sink.write_block(i, tensors, layers, {}, kv_cache=kv)
-        outer, outer_layers, outer_kv = _module_tensors(model, "", prefixes)
-        if outer_kv is not None:
-            raise LowbitError("a KV-cache quantizer outside the decoder blocks cannot be saved")
+        outer, outer_layers = outer_tensors(model, prefixes)
         return sink.finish(model.config, tokenizer, outer, provenance, outer_layers=outer_layers)
 
 
