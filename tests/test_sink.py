@@ -329,3 +329,17 @@ def test_damaged_index(reference: Path, tmp_path: Path, index: str | None, fragm
         (out / checkpoint.INDEX_FILE).write_text(index)
     with pytest.raises(LowbitError, match=fragment):
         checkpoint.load_quantized(out, verify=False)
+
+
+def test_every_shard_must_be_hashed(reference: Path, tmp_path: Path) -> None:
+    """An edited lowbit.json cannot leave a shard out of the hash check."""
+    out = tmp_path / "d"
+    out.mkdir()
+    for name, data in _files(reference).items():
+        (out / name).write_bytes(data)
+    meta = json.loads((out / checkpoint.META_FILE).read_text())
+    del meta["sha256"][checkpoint.block_file(1)]
+    (out / checkpoint.META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(LowbitError, match=f"{checkpoint.block_file(1)} has no SHA-256 in lowbit.json"):
+        checkpoint.load_quantized(out)
+    checkpoint.load_quantized(out, verify=False)

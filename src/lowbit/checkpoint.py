@@ -48,7 +48,7 @@ from lowbit.primitives import group_index, symmetric_zero_point
 from lowbit.qweight import QuantizedWeight
 from lowbit.scheme import QuantSpec, spec_from_dict, to_dict
 from lowbit.sink import FORMAT_VERSION, INDEX_FILE, META_FILE, OUTER_FILE, V1_WEIGHTS_FILE, CheckpointSink, block_file
-from lowbit.verify import check_config_file, check_model, hashes_checked, verify_hashes
+from lowbit.verify import check_config_file, check_listed, check_model, hashes_checked, verify_hashes
 
 __all__ = [
     "FORMAT_VERSION",
@@ -271,10 +271,14 @@ def load_quantized(
         raise LowbitError(
             f"{p} has lowbit format {meta.get('format_version')}, this lowbit reads {FORMAT_VERSION} (and 1)"
         )
-    if verify and hashes_checked():
+    check = verify and hashes_checked()
+    if check:
         verify_hashes(p, meta)
+    files = weight_files(p, meta["format_version"])
+    if check:
+        check_listed(p, [f.name for f in files], meta)
     tensors: dict[str, torch.Tensor] = {}
-    for file in weight_files(p, meta["format_version"]):
+    for file in files:
         try:
             tensors.update(load_file(str(file)))
         except (OSError, SafetensorError) as e:
