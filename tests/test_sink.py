@@ -305,7 +305,7 @@ def test_format_1_checkpoints_still_load(model: nn.Module, reference: Path, tmp_
         assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
     with open(old / checkpoint.V1_WEIGHTS_FILE, "ab") as f:  # its hash is still checked
         f.write(b"\0")
-    with pytest.raises(LowbitError, match="lowbit.safetensors does not match the SHA-256"):
+    with pytest.raises(LowbitError, match=r"lowbit\.safetensors does not match the SHA-256"):
         checkpoint.load_quantized(old)
 
 

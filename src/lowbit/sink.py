@@ -138,9 +138,10 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def _normalized(value: Any, what: str) -> Any:
-    """``value`` as JSON reads it back (tuples become lists), so equal runs compare equal."""
+    """``value`` as JSON reads it back (tuples become lists, keys strings), so equal runs compare
+    equal; key order is kept (``lowbit.json`` keeps the provenance as given)."""
     try:
-        return json.loads(json.dumps(value, sort_keys=True))
+        return json.loads(json.dumps(value))
     except (TypeError, ValueError) as exc:
         raise TypeError(f"{what} must be JSON-able: {exc}") from None
 
