@@ -261,7 +261,8 @@ ROWS_OUTPUT: list[Bad] = [
 
 # --- models, checkpoints and exports ----------------------------------------------------------------
 Q_SCALE = "model.layers.0.self_attn.q_proj.weight_scale"
-STALE = "lowbit.safetensors does not match the SHA-256 recorded in lowbit.json"
+SHARD = "lowbit-blocks-00000.safetensors"  # decoder block 0's tensors
+STALE = f"{SHARD} does not match the SHA-256 recorded in lowbit.json"
 
 
 def _eval(target: str, *extra: str) -> list[str]:
@@ -287,14 +288,15 @@ def _set_tensor(
     edit made on purpose, or damage done before the hashes were computed)."""
 
     def prepare(w: World) -> None:
-        path = w.root / ckpt / "lowbit.safetensors"
+        weight_map = json.loads((w.root / ckpt / "lowbit.safetensors.index.json").read_text())["weight_map"]
+        path = w.root / ckpt / weight_map[name]
         tensors = load_file(str(path))
         tensors[name][index] = value
         save_file(tensors, str(path), metadata={"format": "pt"})
         if rehash:
             meta_path = w.root / ckpt / "lowbit.json"
             meta = json.loads(meta_path.read_text())
-            meta["sha256"]["lowbit.safetensors"] = hashlib.sha256(path.read_bytes()).hexdigest()
+            meta["sha256"][path.name] = hashlib.sha256(path.read_bytes()).hexdigest()
             meta_path.write_text(json.dumps(meta))
 
     return prepare
@@ -398,16 +400,18 @@ ROWS_CHECKPOINT: list[Bad] = [
     Bad("NaN in a norm", "model.norm.weight has 1 NaN value",
         prepare=_set_tensor("ckpt", "model.norm.weight", (7,), float("nan")),
         argv=lambda w: _eval("ckpt", "--no-verify")),
-    Bad("random bytes in lowbit.safetensors", STALE, prepare=_scribble("ckpt/lowbit.safetensors", 100_000),
+    Bad(f"random bytes in {SHARD}", STALE, prepare=_scribble(f"ckpt/{SHARD}", 100_000),
         argv=lambda w: _eval("ckpt")),
-    Bad("random bytes in the header of lowbit.safetensors", "lowbit.safetensors is damaged or incomplete",
-        prepare=_scribble("ckpt/lowbit.safetensors", 8), argv=lambda w: _eval("ckpt", "--no-verify")),
-    Bad("truncated lowbit.safetensors", STALE, prepare=_truncate("ckpt/lowbit.safetensors"),
+    Bad(f"random bytes in the header of {SHARD}", f"{SHARD} is damaged or incomplete",
+        prepare=_scribble(f"ckpt/{SHARD}", 8), argv=lambda w: _eval("ckpt", "--no-verify")),
+    Bad(f"truncated {SHARD}", STALE, prepare=_truncate(f"ckpt/{SHARD}"),
         argv=lambda w: _eval("ckpt")),
-    Bad("truncated lowbit.safetensors: --no-verify", "lowbit.safetensors is damaged or incomplete",
-        prepare=_truncate("ckpt/lowbit.safetensors"), argv=lambda w: _eval("ckpt", "--no-verify")),
-    Bad("missing lowbit.safetensors", "lowbit.safetensors is missing",
-        prepare=lambda w: (w.ckpt / "lowbit.safetensors").unlink(), argv=lambda w: _eval("ckpt")),
+    Bad(f"truncated {SHARD}: --no-verify", f"{SHARD} is damaged or incomplete",
+        prepare=_truncate(f"ckpt/{SHARD}"), argv=lambda w: _eval("ckpt", "--no-verify")),
+    Bad(f"missing {SHARD}", f"{SHARD} is missing",
+        prepare=lambda w: (w.ckpt / SHARD).unlink(), argv=lambda w: _eval("ckpt")),
+    Bad("missing lowbit.safetensors.index.json", "lowbit.safetensors.index.json is missing",
+        prepare=lambda w: (w.ckpt / "lowbit.safetensors.index.json").unlink(), argv=lambda w: _eval("ckpt")),
     Bad("truncated model.safetensors: quantize", "model/model.safetensors (",
         prepare=_truncate("model/model.safetensors"), argv=lambda w: _quantize(w)),
     Bad("truncated model.safetensors: eval", "has a damaged weight file",

@@ -16,7 +16,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 import lowbit.checkpoint as checkpoint
-from lowbit import api, outdir
+from lowbit import api, outdir, sink
 from lowbit.errors import LowbitError
 from lowbit.kvcache import KVQuantizer
 from lowbit.modules import QuantLinear
@@ -101,6 +101,16 @@ def _files(path: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
 
 
+def _stored(out: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint, from all its shards."""
+    return {k: v for f in checkpoint.weight_files(out) for k, v in load_file(str(f)).items()}
+
+
+def _file_of(out: Path, name: str) -> Path:
+    """The shard that holds tensor ``name`` (from the checkpoint's index)."""
+    return out / json.loads((out / checkpoint.INDEX_FILE).read_text())["weight_map"][name]
+
+
 # ---- round trips ----------------------------------------------------------------------------------
 
 
@@ -120,7 +130,7 @@ def test_round_trip_is_exact(name: str, tie: bool, tmp_path: Path) -> None:
         assert meta["recipe"]["name"] == name and len(meta["report"]["layers"]) == len(report.layers)
     _assert_same_model(model, loaded)
     assert (loaded.lm_head.weight is loaded.model.embed_tokens.weight) == tie
-    stored = load_file(str(out / checkpoint.WEIGHTS_FILE))
+    stored = _stored(out)
     assert ("lm_head.weight" in stored) != tie  # tied weights are stored once
     q_proj = "model.layers.0.self_attn.q_proj"
     assert (f"{q_proj}.weight" in stored) == (name == "kv8")  # quantized weights are stored packed only
@@ -181,7 +191,7 @@ def test_permuted_g_idx_round_trips(tmp_path: Path) -> None:
     expected_weight = qw.dequantize()[:, perm]
     assert torch.equal(model.get_submodule(name).weight, expected_weight)
     out = api.save_quantized(model, None, tmp_path / "q", report)
-    stored = load_file(str(out / checkpoint.WEIGHTS_FILE))
+    stored = _stored(out)
     assert [k for k in stored if k.endswith("g_idx")] == [f"{name}.weight_g_idx"]  # default ones are implicit
     loaded, _, _ = checkpoint.load_quantized(out)
     m2 = loaded.get_submodule(name)
@@ -197,8 +207,8 @@ def test_packing_makes_files_smaller(tmp_path: Path) -> None:
     for name, bits in (("w8a16", 8), ("w4a16", 4), ("w3a16", 3)):
         model, report = _quantized(name)
         out = api.save_quantized(model, None, tmp_path / name, report)
-        sizes[name] = (out / checkpoint.WEIGHTS_FILE).stat().st_size
-        stored = load_file(str(out / checkpoint.WEIGHTS_FILE))
+        sizes[name] = sum(f.stat().st_size for f in checkpoint.weight_files(out))
+        stored = _stored(out)
         for m_name, m in model.named_modules():
             if isinstance(m, QuantLinear):
                 packed = stored[f"{m_name}.weight_packed"]
@@ -244,7 +254,7 @@ def test_failed_write_leaves_old_output_untouched(tmp_path: Path, monkeypatch: p
     def broken_save_file(*_args: Any, **_kwargs: Any) -> None:
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(checkpoint, "save_file", broken_save_file)
+    monkeypatch.setattr(sink, "save_file", broken_save_file)
     with pytest.raises(LowbitError, match=r"No space left.*left as it was"):  # no traceback in the CLI
         checkpoint.save_quantized(model, None, out, {}, overwrite=True)
     assert _files(out) == before
@@ -292,7 +302,7 @@ def test_load_without_metadata(saved: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "missing"])
 def test_load_damaged_weights(saved: Path, tmp_path: Path, damage: str) -> None:
     out = _damaged_copy(saved, tmp_path)
-    weights = out / checkpoint.WEIGHTS_FILE
+    weights = out / checkpoint.block_file(0)
     if damage == "truncated":
         weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     elif damage == "garbage":
@@ -313,10 +323,11 @@ def test_load_wrong_format_version(saved: Path, tmp_path: Path) -> None:
 def test_load_missing_tensor(saved: Path, tmp_path: Path) -> None:
     out = _damaged_copy(saved, tmp_path)
     name = "model.layers.1.mlp.down_proj.weight_scale"
-    tensors = load_file(str(out / checkpoint.WEIGHTS_FILE))
+    path = _file_of(out, name)
+    tensors = load_file(str(path))
     del tensors[name]
-    save_file(tensors, str(out / checkpoint.WEIGHTS_FILE))
-    _load_error(out, "does not match the SHA-256", checkpoint.WEIGHTS_FILE)
+    save_file(tensors, str(path))
+    _load_error(out, "does not match the SHA-256", checkpoint.block_file(1))
     _load_error(out, "missing tensor", name, verify=False)
 
 
@@ -331,9 +342,10 @@ def test_load_metadata_disagrees_with_file(saved: Path, tmp_path: Path) -> None:
 
 def test_load_missing_float_tensor(saved: Path, tmp_path: Path) -> None:
     out = _damaged_copy(saved, tmp_path)
-    tensors = load_file(str(out / checkpoint.WEIGHTS_FILE))
+    path = _file_of(out, "model.norm.weight")
+    tensors = load_file(str(path))
     del tensors["model.norm.weight"]
-    save_file(tensors, str(out / checkpoint.WEIGHTS_FILE))
+    save_file(tensors, str(path))
     _load_error(out, "does not match its config", "model.norm.weight", verify=False)
 
 
@@ -398,14 +410,15 @@ def test_hashes_are_recorded_for_every_file_written(tmp_path: Path) -> None:
     out = api.save_quantized(model, _word_tokenizer(), tmp_path / "q", report)
     meta = json.loads((out / checkpoint.META_FILE).read_text())
     written = {p.name for p in out.iterdir()} - {checkpoint.META_FILE, outdir.MARKER}  # the marker is not data
-    assert set(meta["sha256"]) == written and {"config.json", checkpoint.WEIGHTS_FILE} <= written
+    shards = {checkpoint.block_file(i) for i in range(N_LAYERS)} | {checkpoint.OUTER_FILE, checkpoint.INDEX_FILE}
+    assert set(meta["sha256"]) == written and {"config.json", *shards} <= written
     assert any(name.startswith("tokenizer") for name in written)
     for name, digest in meta["sha256"].items():
         assert digest == hashlib.sha256((out / name).read_bytes()).hexdigest(), name
     checkpoint.load_quantized(out)  # and they verify
 
 
-@pytest.mark.parametrize("name", ["config.json", checkpoint.WEIGHTS_FILE])
+@pytest.mark.parametrize("name", ["config.json", checkpoint.block_file(0), checkpoint.OUTER_FILE])
 def test_changed_or_missing_file_is_named(saved: Path, tmp_path: Path, name: str) -> None:
     out = _damaged_copy(saved, tmp_path)
     if name == "config.json":
@@ -422,9 +435,10 @@ def test_changed_or_missing_file_is_named(saved: Path, tmp_path: Path, name: str
 def test_verify_false_skips_only_the_hash_check(saved: Path, tmp_path: Path) -> None:
     out = _damaged_copy(saved, tmp_path)
     name = "model.layers.0.self_attn.q_proj.weight_scale"
-    tensors = load_file(str(out / checkpoint.WEIGHTS_FILE))
+    path = _file_of(out, name)
+    tensors = load_file(str(path))
     tensors[name][3, 0] = float("nan")
-    save_file(tensors, str(out / checkpoint.WEIGHTS_FILE))
+    save_file(tensors, str(path))
     _load_error(out, "does not match the SHA-256")
     _load_error(out, f"{name} has 1 NaN value", verify=False)
     from lowbit.verify import hashes_unchecked

@@ -208,13 +208,13 @@ def test_default_out_dir_of_current_directory(tmp_path: Path, monkeypatch: pytes
 
 
 def test_quantize_json(setup: Setup) -> None:
-    assert {p.name for p in setup.out.iterdir()} >= {"lowbit.json", "lowbit.safetensors", "config.json"}
+    assert {p.name for p in setup.out.iterdir()} >= {"lowbit.json", "lowbit.safetensors.index.json", "config.json"}
     assert not [p for p in setup.out.parent.iterdir() if p.name.startswith(".")]  # no temp dirs left
     summary, rows = setup.result["summary"], setup.result["eval"]
     assert summary["recipe"] == "w8a16" and summary["out"] == str(setup.out)
     assert summary["calibration"].startswith("4 x 32 tokens")
     assert 8 < summary["bits_per_weight"] < 9  # int8 codes + one float32 scale per output channel
-    assert summary["file_mb"] == (setup.out / "lowbit.safetensors").stat().st_size / 2**20
+    assert summary["file_mb"] == sum(p.stat().st_size for p in setup.out.glob("*.safetensors")) / 2**20
     meta = json.loads((setup.out / "lowbit.json").read_text())
     assert meta["scheme"]["weights"]["format"] == "int8"
     assert meta["scheme"]["weights"]["granularity"] == "channel"
@@ -457,7 +457,7 @@ def test_existing_out_needs_overwrite(setup: Setup, tmp_path: Path, capsys: pyte
     assert main([*argv, "--overwrite", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["summary"]["out"] == str(out)
     assert not (out / "keep.txt").exists()
-    assert {"lowbit.json", "lowbit.safetensors"} <= {p.name for p in out.iterdir()}
+    assert {"lowbit.json", "lowbit-outer.safetensors"} <= {p.name for p in out.iterdir()}
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp or backup directories left behind
 
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +13,7 @@ from tiny_models import tiny_llama, token_ids
 
 import lowbit.checkpoint as checkpoint
 import lowbit.verify as verify
-from lowbit import api
+from lowbit import api, sink
 from lowbit.cli import build_parser
 from lowbit.errors import LowbitError
 from lowbit.formats import FLOAT_FORMATS, get_format
@@ -129,7 +127,8 @@ def _save(recipe: Recipe, out: Path) -> Path:
 
 
 def _edit(out: Path, name: str, change: Any) -> None:
-    path = out / checkpoint.WEIGHTS_FILE
+    weight_map = checkpoint.json.loads((out / checkpoint.INDEX_FILE).read_text())["weight_map"]
+    path = out / weight_map[name]
     tensors = load_file(str(path))
     change(tensors[name])
     save_file(tensors, str(path))
@@ -153,18 +152,17 @@ def test_static_kv_scale(tmp_path: Path) -> None:
 
 def test_marker_files_are_not_hashed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Only what save_quantized writes is hashed; a file other code puts in the directory is not."""
-    atomic_dir = checkpoint.atomic_dir
+    finish = sink.CheckpointSink.finish
 
-    @contextlib.contextmanager
-    def with_marker(*args: Any, **kwargs: Any) -> Iterator[Path]:
-        with atomic_dir(*args, **kwargs) as tmp:
-            (tmp / ".lowbit-writing").write_text("pid")
-            yield tmp
+    def with_marker(self: sink.CheckpointSink, *args: Any, **kwargs: Any) -> Path:
+        (self.partial / ".lowbit-writing").write_text("pid")
+        return finish(self, *args, **kwargs)
 
-    monkeypatch.setattr(checkpoint, "atomic_dir", with_marker)
+    monkeypatch.setattr(sink.CheckpointSink, "finish", with_marker)
     out = _save(get_preset("w8a16"), tmp_path / "q")
     meta = checkpoint.json.loads((out / checkpoint.META_FILE).read_text())
-    assert set(meta["sha256"]) == {"config.json", checkpoint.WEIGHTS_FILE}
+    shards = {checkpoint.block_file(0), checkpoint.block_file(1), checkpoint.OUTER_FILE, checkpoint.INDEX_FILE}
+    assert set(meta["sha256"]) == {"config.json", *shards}
     (out / ".lowbit-writing").write_text("another pid")
     checkpoint.load_quantized(out)
 

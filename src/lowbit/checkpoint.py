@@ -1,8 +1,12 @@
 """Save and load lowbit's own quantized checkpoints.
 
-A checkpoint directory holds ``config.json`` (the model's transformers config), the tokenizer
-files, ``lowbit.safetensors`` and ``lowbit.json`` (format version, the scheme and recipe as
-provenance, and per quantized layer its shape and specs). For a quantized linear ``NAME``:
+A checkpoint directory (format 2, written through ``lowbit.sink.CheckpointSink``; its docstring
+has the file layout) holds ``config.json`` (the model's transformers config), the tokenizer files,
+one ``lowbit-blocks-NNNNN.safetensors`` per decoder block, ``lowbit-outer.safetensors`` (every
+tensor outside the blocks), the index ``lowbit.safetensors.index.json`` (tensor -> file) and
+``lowbit.json`` (format version, the scheme and recipe as provenance, and per quantized layer its
+shape and specs). Format 1 held the same tensors in one ``lowbit.safetensors``; both load. For a
+quantized linear ``NAME``:
 
 - ``NAME.weight_packed`` uint8: the codes as unsigned integers (signed codes offset by
   ``-qmin``; float codes are bit patterns), bit-packed LSB first (``lowbit.packing``);
@@ -11,8 +15,10 @@ provenance, and per quantized layer its shape and specs). For a quantized linear
 - ``NAME.input_scale`` / ``NAME.input_zero_point`` for static activation quantization;
 - ``ATTN.k_scale`` / ``k_zero_point`` / ``v_scale`` / ``v_zero_point`` for a static KV cache.
 
-Every other tensor keeps its state-dict name. Writes go to a temporary directory that is
-renamed into place only when complete, so an existing output is never half-overwritten.
+Every other tensor keeps its state-dict name. ``block_tensors`` gives one decoder block's tensors
+and layer entries (what the block runner hands the sink); ``save_quantized`` writes an in-memory
+model block by block through the same sink. Writes go to a partial directory that is renamed into
+place only when complete, so an existing output is never half-overwritten.
 
 ``lowbit.json`` also records the SHA-256 of every other file written (``"sha256"``), and loading
 checks them and every number (``lowbit.verify``).
@@ -27,7 +33,7 @@ from typing import Any
 import torch
 from accelerate import init_empty_weights
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -36,24 +42,32 @@ from lowbit.errors import LowbitError
 from lowbit.kvcache import KVQuantizer, attach_kv_quantizers
 from lowbit.models import no_remote_code
 from lowbit.modules import ActQuantizer, QuantLinear
-from lowbit.outdir import atomic_dir, check_free
+from lowbit.outdir import check_free
 from lowbit.packing import pack_bits, packed_nbytes, unpack_bits
 from lowbit.primitives import group_index, symmetric_zero_point
 from lowbit.qweight import QuantizedWeight
 from lowbit.scheme import QuantSpec, spec_from_dict, to_dict
-from lowbit.verify import (
-    HASH_KEY,
-    check_config_file,
-    check_model,
-    hash_files,
-    hashes_checked,
-    list_files,
-    verify_hashes,
-)
+from lowbit.sink import FORMAT_VERSION, INDEX_FILE, META_FILE, OUTER_FILE, V1_WEIGHTS_FILE, CheckpointSink, block_file
+from lowbit.verify import check_config_file, check_listed, check_model, hashes_checked, verify_hashes
 
-FORMAT_VERSION = 1
-META_FILE = "lowbit.json"
-WEIGHTS_FILE = "lowbit.safetensors"  # not model.safetensors: transformers must not half-load it
+__all__ = [
+    "FORMAT_VERSION",
+    "INDEX_FILE",
+    "META_FILE",
+    "OUTER_FILE",
+    "V1_WEIGHTS_FILE",
+    "block_file",
+    "block_prefixes",
+    "block_tensors",
+    "is_quantized_dir",
+    "load_quantized",
+    "outer_tensors",
+    "plain_tensors",
+    "save_quantized",
+    "weight_files",
+]
+READ_VERSIONS = (1, FORMAT_VERSION)
+# file names are lowbit's own (not model.safetensors): transformers must not half-load a checkpoint
 
 
 def _qweight_tensors(name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
@@ -133,16 +147,26 @@ def plain_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_quantized(
-    model: nn.Module, tokenizer: Any, out_dir: str | Path, provenance: dict[str, Any], overwrite: bool = False
-) -> Path:
-    """Write ``model`` (with QuantLinear modules) and its tokenizer to ``out_dir`` atomically."""
-    out = Path(out_dir)
-    check_free(out, overwrite)
+def _under(name: str, prefixes: list[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def _module_tensors(
+    root: nn.Module, prefix: str, skip: list[str]
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any] | None]:
+    """Tensors, layer entries and KV spec of ``root`` (named ``prefix`` in the model), leaving out
+    the submodules named in ``skip`` (names relative to ``root``)."""
+
+    def full(name: str) -> str:
+        return f"{prefix}.{name}" if prefix and name else prefix or name
+
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, Any] = {}
     kv_spec: dict[str, Any] | None = None
-    for name, module in model.named_modules():
+    for rel, module in root.named_modules():
+        if _under(rel, skip):
+            continue
+        name = full(rel)
         if isinstance(module, QuantLinear):
             entry: dict[str, Any] = {
                 "shape": [module.out_features, module.in_features],
@@ -168,21 +192,57 @@ def save_quantized(
             kv_spec = to_dict(kvq.spec)
             for kind, (scale, zp) in kvq.qparams.items():
                 tensors[f"{name}.{kind}_scale"], tensors[f"{name}.{kind}_zero_point"] = scale, zp
-    tensors.update(plain_tensors(model))
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    # what load_quantized needs comes from the model itself, never from the caller's provenance
-    meta = {"format_version": FORMAT_VERSION, **provenance}
-    meta.update(format_version=FORMAT_VERSION, layers=layers, kv_cache=kv_spec)
+    tensors.update({full(k): v for k, v in plain_tensors(root).items() if not _under(k, skip)})
+    return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, layers, kv_spec
 
-    with atomic_dir(out, overwrite) as tmp:
-        present = list_files(tmp)  # files other code put there (markers) are not ours to hash
-        model.config.save_pretrained(tmp)  # type: ignore[union-attr, operator]
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "lowbit": str(FORMAT_VERSION)})
-        meta[HASH_KEY] = hash_files(tmp, list_files(tmp) - present)
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
-    return out
+
+def block_tensors(
+    block_module: nn.Module, prefix: str
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any] | None]:
+    """One decoder block as the checkpoint stores it: (tensors under their full state-dict names,
+    the block's entries of the ``layers`` table, its KV-cache spec or None); ``prefix`` is the
+    block's name in the model (``model.layers.3``). What the block runner gives the sink."""
+    return _module_tensors(block_module, prefix, [])
+
+
+def block_prefixes(model: nn.Module) -> list[str]:
+    """Names of the decoder blocks (``model.layers.0``, ...); none for a model lowbit's
+    architecture table does not know (it is then written as one outer part)."""
+    try:
+        arch = get_arch(model)
+        blocks = decoder_blocks(model, arch)
+    except LowbitError:
+        return []
+    return [f"{arch.blocks}.{i}" for i in range(len(blocks))]
+
+
+def outer_tensors(
+    model: nn.Module, prefixes: list[str] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Everything outside the decoder blocks (``prefixes``, default ``block_prefixes(model)``):
+    (tensors, layer entries of quantized linears there, e.g. a quantized head); for
+    ``CheckpointSink.finish``."""
+    tensors, layers, kv = _module_tensors(model, "", block_prefixes(model) if prefixes is None else prefixes)
+    if kv is not None:
+        raise LowbitError("a KV-cache quantizer outside the decoder blocks cannot be saved")
+    return tensors, layers
+
+
+def save_quantized(
+    model: nn.Module, tokenizer: Any, out_dir: str | Path, provenance: dict[str, Any], overwrite: bool = False
+) -> Path:
+    """Write ``model`` (with QuantLinear modules) and its tokenizer to ``out_dir`` atomically,
+    block by block through ``CheckpointSink`` (nothing to resume: a failure leaves no partial run)."""
+    out = Path(out_dir)
+    check_free(out, overwrite)
+    prefixes = block_prefixes(model)
+    with CheckpointSink(out, overwrite=overwrite, resume=False, fingerprint={"writer": "save_quantized"}) as sink:
+        sink.keep_partial = False
+        for i, prefix in enumerate(prefixes):
+            tensors, layers, kv = block_tensors(model.get_submodule(prefix), prefix)
+            sink.write_block(i, tensors, layers, {}, kv_cache=kv)
+        outer, outer_layers = outer_tensors(model, prefixes)
+        return sink.finish(model.config, tokenizer, outer, provenance, outer_layers=outer_layers)
 
 
 def is_quantized_dir(path: str | Path) -> bool:
@@ -207,14 +267,22 @@ def load_quantized(
         raise LowbitError(f"{p / META_FILE} is not valid JSON ({e}); the checkpoint is damaged, quantize again") from e
     if not isinstance(meta, dict):
         raise LowbitError(f"{p}/{META_FILE} is not a JSON object; the checkpoint is damaged, quantize again")
-    if verify and hashes_checked():
+    if meta.get("format_version") not in READ_VERSIONS:
+        raise LowbitError(
+            f"{p} has lowbit format {meta.get('format_version')}, this lowbit reads {FORMAT_VERSION} (and 1)"
+        )
+    check = verify and hashes_checked()
+    if check:
         verify_hashes(p, meta)
-    try:
-        tensors = load_file(str(p / WEIGHTS_FILE))
-    except (OSError, SafetensorError) as e:
-        raise LowbitError(f"{p / WEIGHTS_FILE} is damaged or incomplete ({e}); quantize again") from None
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise LowbitError(f"{p} has lowbit format {meta.get('format_version')}, this lowbit reads {FORMAT_VERSION}")
+    files = weight_files(p, meta["format_version"])
+    if check:
+        check_listed(p, [f.name for f in files], meta)
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            tensors.update(load_file(str(file)))
+        except (OSError, SafetensorError) as e:
+            raise LowbitError(f"{file} is damaged or incomplete ({e}); quantize again") from None
     if not isinstance(meta.get("layers"), dict):
         raise LowbitError(f"{p}/{META_FILE} has no 'layers' table; the checkpoint is damaged, quantize again")
     check_config_file(p / "config.json")
@@ -268,6 +336,31 @@ def load_quantized(
         with no_remote_code(p, trust_remote_code):
             tokenizer = AutoTokenizer.from_pretrained(p, trust_remote_code=trust_remote_code)
     return model, tokenizer, meta
+
+
+def weight_files(path: str | Path, version: int | None = None) -> list[Path]:
+    """The safetensors files of a checkpoint: its shards (format 2, from the index) or
+    ``lowbit.safetensors`` (format 1). ``version`` defaults to what ``lowbit.json`` says."""
+    p = Path(path)
+    if version is None:
+        try:
+            version = json.loads((p / META_FILE).read_text()).get("format_version")
+        except (OSError, ValueError, AttributeError) as e:
+            raise LowbitError(f"{p / META_FILE} is missing or not valid JSON ({e}); quantize again") from None
+    if version == 1:
+        return [p / V1_WEIGHTS_FILE]
+    index = p / INDEX_FILE
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except FileNotFoundError:
+        raise LowbitError(f"{index} is missing: the checkpoint is damaged or incomplete; quantize again") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise LowbitError(f"{index} is damaged or incomplete ({e!r}); quantize again") from None
+    for name in names:
+        if not isinstance(name, str) or Path(name).name != name or not name.endswith(".safetensors"):
+            raise LowbitError(f"{index} names a file that is not a shard of the checkpoint ({name!r}); quantize again")
+    return [p / name for name in names]
 
 
 def _add_missing_biases(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:

@@ -228,7 +228,7 @@ def _quantize(args: argparse.Namespace) -> int:
     import torch
 
     from lowbit import api, preflight
-    from lowbit.checkpoint import WEIGHTS_FILE
+    from lowbit.checkpoint import weight_files
     from lowbit.outdir import check_output, is_lowbit_output
     from lowbit.presets import DEFAULT_PRESET
     from lowbit.scheme import with_group_size
@@ -268,7 +268,7 @@ def _quantize(args: argparse.Namespace) -> int:
     for warning in report.warnings:
         print(f"lowbit: warning: {warning}", file=sys.stderr)
     api.save_quantized(model, tok, out, report, overwrite=overwrite)
-    size = (out / WEIGHTS_FILE).stat().st_size
+    size = sum(f.stat().st_size for f in weight_files(out))
     summary: dict[str, Any] = {
         "model": args.model,
         "recipe": recipe.name,

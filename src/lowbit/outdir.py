@@ -13,7 +13,11 @@ Every writer (``checkpoint.save_quantized``, ``export.export_model``) goes throu
   second writer out (the OS releases it when a process dies, so it never goes stale);
 - temporary and backup directories left by a killed run (``.NAME.*.lowbit-tmp``, ``.NAME.old-PID``)
   are removed, with a note on stderr, by the next run into the same place, under the lock (so
-  their writer is certainly gone).
+  their writer is certainly gone);
+- a partial run directory ``.NAME.partial`` (``partial_dir``, written by ``lowbit.sink``: the
+  finished blocks of a run that may be resumed) is NOT a leftover: an interruption keeps it, and
+  only the sink itself replaces it (a run without ``--resume``) or moves it into place
+  (``install_dir``) when the run is complete.
 
 ``check_output`` does all of these checks (plus a probe that the parent is writable) without
 writing anything, so the CLI can refuse a bad ``--out`` before loading a model.
@@ -40,6 +44,7 @@ from lowbit.errors import LowbitError
 MARKER = ".lowbit-output"  # in every directory lowbit writes; --overwrite replaces only these
 _MARKER_TEXT = {"written_by": "lowbit", "note": "lowbit wrote this directory; its --overwrite may replace it"}
 TMP_SUFFIX = ".lowbit-tmp"
+PARTIAL_SUFFIX = ".partial"  # .NAME.partial: a resumable run's directory (lowbit.sink), kept on failure
 _LEGACY_META = "lowbit.json"  # checkpoint.META_FILE (checkpoint imports this module, not the reverse)
 
 
@@ -106,6 +111,17 @@ def check_free(out: Path, overwrite: bool, flag: str = "--overwrite") -> None:
             f"output {out} exists and was not written by lowbit (it has no {MARKER} marker), so {flag} will not "
             "replace it; choose another --out, or move or delete the directory yourself if you mean to replace it"
         )
+
+
+def partial_dir(out: str | Path) -> Path:
+    """Where a resumable run into ``out`` keeps its finished blocks: ``.NAME.partial`` next to it."""
+    out = Path(out)
+    return out.parent / f".{out.name}{PARTIAL_SUFFIX}"
+
+
+def write_marker(directory: Path) -> None:
+    """Mark ``directory`` as written by lowbit (so ``--overwrite`` may replace it)."""
+    (directory / MARKER).write_text(json.dumps(_MARKER_TEXT) + "\n")
 
 
 def _lock_path(out: Path) -> Path:
@@ -269,13 +285,20 @@ def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
         try:
             os.chmod(tmp, 0o755)  # mkdtemp makes it private; the output is ordinary user data
             yield tmp
-            (tmp / MARKER).write_text(json.dumps(_MARKER_TEXT) + "\n")
-            _replace(tmp, out)
+            install_dir(tmp, out)
         except (OSError, SafetensorError) as exc:
             raise LowbitError(_os_message(out, exc, kept)) from exc
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
+
+
+def install_dir(tmp: Path, out: Path) -> None:
+    """Mark the complete directory ``tmp`` and rename it to ``out`` (call under ``out``'s lock, after
+    ``check_free``); an existing ``out`` goes aside first and comes back if the rename fails."""
+    if not (tmp / MARKER).is_file():
+        write_marker(tmp)
+    _replace(tmp, out)
 
 
 def _replace(tmp: Path, out: Path) -> None:

@@ -2,12 +2,16 @@
 
 Two independent kinds of check, as small pure functions:
 
-- file hashes: ``save_quantized`` records the SHA-256 of every file it writes (except
-  ``lowbit.json``, which holds the hashes) under ``"sha256"`` in ``lowbit.json``;
+- file hashes: the checkpoint writer (``lowbit.sink``) records the SHA-256 of every file it
+  writes (every block shard, the outer shard, the index, config and tokenizer; not
+  ``lowbit.json``, which holds the hashes) under ``"sha256"`` in ``lowbit.json``; a shard's hash
+  is taken when the shard is written, so finishing a long run reads no shard again.
   ``load_quantized`` recomputes them (``verify=False`` / ``--no-verify`` skips this, for a
-  checkpoint edited on purpose). Checkpoints written before hashes existed have no
-  ``"sha256"`` entry and are accepted as they are: there is nothing to compare against.
-  Files in the directory that are not listed (markers, locks) are ignored.
+  checkpoint edited on purpose) and refuses a weight file the table does not list
+  (``check_listed``: an edited ``lowbit.json`` cannot leave a shard unchecked). Checkpoints
+  written before hashes existed have no ``"sha256"`` entry and are accepted as they are: there is
+  nothing to compare against. Other files in the directory that are not listed (markers, locks)
+  are ignored.
 - values, always (hashes only say a file is unchanged, not that it was right when written):
   scales finite and > 0 (a group of zeros gets scale 1, so 0 never occurs), zero points
   integral and inside the format's code range, float formats' codes finite grid values, and
@@ -98,6 +102,17 @@ def verify_hashes(root: Path, meta: dict[str, Any]) -> None:
             raise _damaged(path, "is missing")
         if file_sha256(path) != want:
             raise _damaged(path, "does not match the SHA-256 recorded in lowbit.json")
+
+
+def check_listed(root: Path, names: Iterable[str], meta: dict[str, Any]) -> None:
+    """Every weight file the checkpoint reads (``names``, relative to ``root``) has a recorded
+    hash, when the checkpoint records hashes at all (``verify_hashes`` then compared them)."""
+    recorded = meta.get(HASH_KEY)
+    if not isinstance(recorded, dict):
+        return
+    for name in names:
+        if name not in recorded:
+            raise _damaged(root / name, f"has no SHA-256 in lowbit.json, which lists {len(recorded)} other files")
 
 
 def check_config_file(path: Path) -> None:
