@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import struct
@@ -28,7 +29,6 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -284,6 +284,7 @@ def _convert_gguf(path: Path, target: Path, max_shard_bytes: int = SHARD_BYTES) 
     if missing:
         raise _tensors_do_not_match(path, f"{len(missing)} missing, e.g. {', '.join(missing[:3])}")
 
+    del reader, skeleton  # the plan keeps views of the mapped file, not the parsed metadata
     shards: list[list[tuple[Any, str]]] = [[]]
     size = 0
     for tensor, name in plan:
@@ -293,44 +294,77 @@ def _convert_gguf(path: Path, target: Path, max_shard_bytes: int = SHARD_BYTES) 
             size = 0
         shards[-1].append((tensor, name))
         size += nbytes
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
-    except _GGUF_ERRORS as exc:
-        raise _gguf_error(path, exc) from exc
 
     def write(part: Path) -> None:
+        try:  # first, and freed before the tensors: it parses the whole vocabulary again
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
+        except _GGUF_ERRORS as exc:
+            raise _gguf_error(path, exc) from exc
+        tokenizer.save_pretrained(part)
+        del tokenizer
+        config.save_pretrained(part)
+        GenerationConfig.from_model_config(config).save_pretrained(part)
         weight_map = {}
         total = 0
         for i, shard in enumerate(shards):
             file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            tensors = {}
-            for tensor, name in shard:
-                tensors[name] = _dequantized(tensor, table.permute_heads(tensor.name), config)
-                weight_map[name] = file
-                total += tensors[name].numel() * 4
-            save_file(tensors, str(part / file), metadata={"format": "pt"})
-            del tensors  # one shard at a time
+            layout = [(name, tuple(wanted[name].shape)) for _, name in shard]
+            tensors = ((name, _dequantized(tensor, table.permute_heads(tensor.name), config)) for tensor, name in shard)
+            total += write_float32_safetensors(part / file, layout, tensors)
+            weight_map.update(dict.fromkeys((name for name, _ in layout), file))
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (part / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        config.save_pretrained(part)
-        GenerationConfig.from_model_config(config).save_pretrained(part)
-        tokenizer.save_pretrained(part)
 
     _write_converted(target, write)
 
 
+def write_float32_safetensors(
+    file: Path, layout: list[tuple[str, tuple[int, ...]]], tensors: Iterator[tuple[str, torch.Tensor]]
+) -> int:
+    """Write a safetensors file of float32 tensors whose names and shapes ``layout`` gives, taking
+    the tensors from ``tensors`` one at a time (in ``layout``'s order), so only one is ever in memory.
+    Returns the bytes of tensor data written."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape in layout:
+        nbytes = 4 * math.prod(shape)
+        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-aligned, as safetensors writes it
+    with open(file, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for (name, shape), (got, tensor) in zip(layout, tensors, strict=True):
+            if got != name or tuple(tensor.shape) != shape or tensor.dtype != torch.float32:
+                raise ValueError(f"{got} {tuple(tensor.shape)} {tensor.dtype} where the layout has {name} {shape}")
+            f.write(tensor.contiguous().numpy().data)  # little-endian, as every platform torch runs on
+    return offset
+
+
+_CHUNK_BYTES = 16 << 20  # float32 bytes dequantized at once: gguf's dequantizers make a few temporaries of this size
+
+
 def _dequantized(tensor: Any, heads_attr: str | None, config: Any) -> torch.Tensor:
-    """One GGUF tensor as float32 in HF's layout, as transformers' GGUF loader makes it."""
+    """One GGUF tensor as float32 in HF's layout, as transformers' GGUF loader makes it (the same
+    dequantizer, block by block, so the values are the same bits); dequantized in chunks of rows
+    into one array, so the dequantizer's temporaries stay small."""
     from gguf.quants import dequantize
 
     from lowbit.export.gguf_names import hf_row_order
 
-    array = dequantize(tensor.data, tensor.tensor_type)
-    if heads_attr is not None:
-        array = array[hf_row_order(array.shape[0], int(getattr(config, heads_attr)))]
+    data = tensor.data  # rows of the memory-mapped file: elements, or a quantized type's bytes
+    shape = tuple(int(n) for n in reversed(tensor.shape))
+    out = np.empty(shape, np.float32)
+    if len(shape) < 2:
+        out[...] = dequantize(data, tensor.tensor_type)
     else:
-        array = np.array(array, copy=True)  # the reader's arrays are views of the memory-mapped file
-    return torch.from_numpy(array).to(torch.float32)
+        step = max(1, _CHUNK_BYTES // (4 * math.prod(shape[1:])))
+        for start in range(0, shape[0], step):
+            out[start : start + step] = dequantize(data[start : start + step], tensor.tensor_type)
+    if heads_attr is not None:
+        out = out[hf_row_order(shape[0], int(getattr(config, heads_attr)))]
+    return torch.from_numpy(out)
 
 
 def meta_skeleton(config: Any, *, trust_remote_code: bool = False) -> PreTrainedModel:
