@@ -23,6 +23,28 @@ def gguf_arch(model_type: object) -> GGUFArch | None:
     entry = archs.ARCHS.get(model_type) if isinstance(model_type, str) else None
     return None if entry is None else entry.gguf
 
+    def hf_name(self, gguf_name: str) -> str | None:
+        """The HF state-dict key of a GGUF tensor name (the inverse of ``gguf_name``), or None."""
+        for hf, gg in self.model_names.items():
+            if gg == gguf_name:
+                return hf
+        head, _, rest = gguf_name.partition(".")
+        index, _, local = rest.partition(".")
+        if head == "blk" and index.isdigit():
+            for hf, gg in self.block_names.items():
+                if gg == local:
+                    return f"{self.blocks}.{index}.{hf}"
+        return None
+
+    def permute_heads(self, gguf_name: str) -> str | None:
+        """The config attribute holding the head count of a GGUF tensor whose rows llama.cpp permutes
+        (``permute``), or None when the tensor is stored in HF's row order."""
+        head, _, rest = gguf_name.partition(".")
+        index, _, local = rest.partition(".")
+        if head == "blk" and index.isdigit():
+            return self.permute.get(local)
+        return None
+
 
 class _GGUFArchs(Mapping[str, GGUFArch]):
     """model_type -> GGUFArch for every family whose table entry has a GGUF part, read at each access."""
@@ -50,3 +72,16 @@ def head_row_order(rows: int, n_head: int) -> np.ndarray:
     """Row order of convert_hf_to_gguf's ``permute``: within each head, HF's rows ``i`` (first half)
     and ``half + i`` (second half) become rows ``2i`` and ``2i + 1``."""
     return np.arange(rows).reshape(n_head, 2, rows // n_head // 2).swapaxes(1, 2).reshape(-1)
+
+
+def hf_row_order(rows: int, n_head: int) -> np.ndarray:
+    """The inverse of ``head_row_order``: ``gguf_rows[hf_row_order(...)]`` gives HF's row order back."""
+    return np.argsort(head_row_order(rows, n_head))
+
+
+def arch_for_gguf(gguf_arch: str) -> GGUFArch | None:
+    """The table entry whose llama.cpp ``general.architecture`` is ``gguf_arch``, or None."""
+    for entry in GGUF_ARCHS.values():
+        if entry.arch == gguf_arch:
+            return entry
+    return None
