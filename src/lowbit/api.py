@@ -4,6 +4,7 @@
 >>> model, tok = api.load_model("demo")                   # Hub id, directory, .gguf or "demo"
 >>> calib = api.calibration_samples(tok, "demo", n_samples=32, seq_len=512)
 >>> report = api.quantize(model, "w4a16", calib)          # preset name, Recipe or YAML path
+>>> api.quantize_to("demo", "w4a16", "out/big", calib="demo")  # streamed: never loads the model whole
 >>> api.save_quantized(model, tok, "out/w4a16", report)
 >>> qmodel, tok, meta = api.load_quantized("out/w4a16")
 >>> result = api.evaluate(qmodel, api.eval_windows(tok, "demo"), baseline=model_fp)
@@ -31,7 +32,7 @@ from lowbit.modules import QuantLinear
 from lowbit.pipeline import RunReport, quantize_model
 from lowbit.presets import get_preset
 from lowbit.recipes import load_recipe
-from lowbit.scheme import Recipe, Step, to_dict
+from lowbit.scheme import Recipe, Step
 
 __all__ = [
     "EvalResult",
@@ -48,6 +49,7 @@ __all__ = [
     "load_quantized",
     "load_texts",
     "quantize",
+    "quantize_to",
     "resolve_recipe",
     "save_quantized",
     "with_method",
@@ -98,16 +100,43 @@ def quantize(
     return quantize_model(model, resolved, calib, batch_size=batch_size, progress=progress)
 
 
+def quantize_to(
+    model: str,
+    recipe: str | Path | Recipe,
+    out: str | Path,
+    *,
+    calib: str = "demo",
+    samples: int = defaults.CALIB_SAMPLES,
+    seq_len: int = defaults.CALIB_SEQ_LEN,
+    seed: int = defaults.SEED,
+    batch_size: int = defaults.BATCH_SIZE,
+    max_memory: int | None = None,
+    device: str = "cpu",
+    workers: int = 1,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    trust_remote_code: bool = False,
+) -> RunReport:
+    """Quantize the model ``model`` names (Hub id, directory, .gguf, "demo") into the checkpoint
+    directory ``out``, one block at a time: the model is never loaded whole, each block is
+    written when finished, and ``resume=True`` continues an interrupted run. ``max_memory``
+    (bytes) bounds the calibration activations held in memory; ``workers`` splits the
+    calibration samples over that many processes."""
+    from lowbit.job import Job, run_job
+    from lowbit.pipeline import RunOptions
+
+    options = RunOptions(batch_size, progress, max_memory, device)
+    job = Job(model, resolve_recipe(recipe), Path(out), calib, samples, seq_len, seed, options)
+    job = dataclasses.replace(job, overwrite=overwrite, resume=resume, trust_remote_code=trust_remote_code)
+    return run_job(job, workers=workers)
+
+
 def save_quantized(
     model: nn.Module, tokenizer: Any, out_dir: str | Path, report: RunReport, overwrite: bool = False
 ) -> Path:
     """Write a quantized model; the scheme, recipe and run report go into ``lowbit.json``."""
-    provenance = {
-        "scheme": to_dict(report.recipe.scheme),
-        "recipe": to_dict(report.recipe),
-        "report": report.to_dict(),
-        "base_model": getattr(getattr(model, "config", None), "_name_or_path", None),
-    }
+    provenance = report.provenance(getattr(getattr(model, "config", None), "_name_or_path", None))
     try:
         return _save(model, tokenizer, out_dir, provenance, overwrite=overwrite)
     except OSError as exc:  # permissions, a file where a directory should be, disk full

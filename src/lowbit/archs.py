@@ -95,6 +95,28 @@ class GGUFArch:
                 return f"blk.{index}.{self.block_names[rest]}"
         return None
 
+    def hf_name(self, gguf_name: str) -> str | None:
+        """The HF state-dict key of a GGUF tensor name (the inverse of ``gguf_name``), or None."""
+        for hf, gg in self.model_names.items():
+            if gg == gguf_name:
+                return hf
+        head, _, rest = gguf_name.partition(".")
+        index, _, local = rest.partition(".")
+        if head == "blk" and index.isdigit():
+            for hf, gg in self.block_names.items():
+                if gg == local:
+                    return f"{self.blocks}.{index}.{hf}"
+        return None
+
+    def permute_heads(self, gguf_name: str) -> str | None:
+        """The config attribute holding the head count of a GGUF tensor whose rows llama.cpp permutes
+        (``permute``), or None when the tensor is stored in HF's row order."""
+        head, _, rest = gguf_name.partition(".")
+        index, _, local = rest.partition(".")
+        if head == "blk" and index.isdigit():
+            return self.permute.get(local)
+        return None
+
 
 # ---- ONNX --------------------------------------------------------------------------------------------
 

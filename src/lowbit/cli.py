@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import json
 import os
 import sys
@@ -227,11 +226,14 @@ def _printed_warnings() -> Iterator[None]:
 def _quantize(args: argparse.Namespace) -> int:
     import torch
 
-    from lowbit import api, preflight
+    from lowbit import api, dist, preflight
     from lowbit.checkpoint import weight_files
+    from lowbit.job import Job, run_job
     from lowbit.outdir import check_output, is_lowbit_output
+    from lowbit.pipeline import RunOptions, resolve_device
     from lowbit.presets import DEFAULT_PRESET
     from lowbit.scheme import with_group_size
+    from lowbit.source import open_source
 
     started = time.perf_counter()
     recipe = api.resolve_recipe(args.recipe or args.preset or DEFAULT_PRESET)
@@ -258,32 +260,61 @@ def _quantize(args: argparse.Namespace) -> int:
     # everything checkable before the weights or the text are read (recipe vs the model's layers, disk, sources)
     sources = [args.calib, *([] if args.no_eval else [args.eval_data or args.calib])]
     preflight.check_quantize(args.model, recipe, out, sources, model=skeleton)
-    model, tok = api.load_model(args.model, trust_remote_code=args.trust_remote_code)
+    windows = None
+    if not args.no_eval:  # read before quantizing, so a bad --eval-data fails before any work is done
+        _, tok = open_source(args.model, trust_remote_code=args.trust_remote_code)
+        windows = _windows(tok, args, args.eval_data or args.calib)
+    options = RunOptions(
+        batch_size=args.batch_size, progress=not args.quiet, max_memory=args.max_memory, device=args.device
+    )
+    job = Job(
+        args.model,
+        recipe,
+        out,
+        args.calib,
+        args.samples,
+        args.seq_len,
+        args.seed,
+        options,
+        overwrite=overwrite,
+        resume=args.resume,
+        trust_remote_code=args.trust_remote_code,
+    )
+    launched = dist.init_from_env(
+        device=resolve_device(args.device)
+    )  # under torchrun: this process is one rank already
     with _printed_warnings():
-        calib = api.calibration_samples(tok, args.calib, n_samples=args.samples, seq_len=args.seq_len, seed=args.seed)
-    # the evaluation text is read before quantizing, so a bad --eval-data fails before any work is done
-    windows = None if args.no_eval else _windows(tok, args, args.eval_data or args.calib)
-    baseline = None if windows is None else copy.deepcopy(model)
-    report = api.quantize(model, recipe, calib, batch_size=args.batch_size, progress=not args.quiet)
+        report = run_job(job, workers=1 if launched else args.workers)
+    if not dist.is_main():
+        return 0  # rank 0 writes, evaluates and prints
     for warning in report.warnings:
         print(f"lowbit: warning: {warning}", file=sys.stderr)
-    api.save_quantized(model, tok, out, report, overwrite=overwrite)
+    # the checkpoint as written (its hashes checked), not the blocks the run has already let go
+    model, tok, _ = api.load_quantized(out, trust_remote_code=args.trust_remote_code)
     size = sum(f.stat().st_size for f in weight_files(out))
     summary: dict[str, Any] = {
         "model": args.model,
         "recipe": recipe.name,
         "scheme": recipe.scheme.describe(),
         "out": str(out),
-        "calibration": f"{calib.shape[0]} x {calib.shape[1]} tokens from {args.calib!r} (seed {args.seed})",
+        "calibration": f"{report.n_samples} x {report.seq_len} tokens from {args.calib!r} (seed {args.seed})"
+        if report.forward_passes
+        else "none (the recipe needs no calibration data)",
         "threads": torch.get_num_threads(),
+        "workers": args.workers,
         "bits_per_weight": api.bits_per_weight(model),
         "file_mb": size / 2**20,
         "quantize_seconds": report.seconds,
         "worst_layers": ", ".join(f"{r.name} {r.rel_error:.2e}" for r in report.worst_layers(3)),
     }
+    if report.spilled_bytes:
+        summary["spilled_mb"] = report.spilled_bytes / 2**20
     if args.layers and not args.json:
         print(_layer_table(report))
-    rows = [] if windows is None else _eval_rows(model, baseline, windows, args)
+    rows = []
+    if windows is not None:
+        baseline, _ = api.load_model(args.model, trust_remote_code=args.trust_remote_code)
+        rows = _eval_rows(model, baseline, windows, args)
     summary["total_seconds"] = time.perf_counter() - started
     if args.json:
         print(json.dumps({"summary": summary, "eval": rows}, indent=1))

@@ -41,6 +41,22 @@ examples (on the demo's default output, `lowbit quantize`):
 BENCH_PATHS = "fp32,lowbit,kernels,onnxruntime"  # lowbit.speed.PATHS, without importing torch here
 
 
+_UNITS = {"": 1, "B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40}
+
+
+def _size(text: str) -> int:
+    """argparse type: a size in bytes, with an optional unit (KB, MB, GB, TB; powers of 1024)."""
+    number = text.strip().upper().replace("IB", "B")
+    unit = next((u for u in ("TB", "GB", "MB", "KB", "B") if number.endswith(u)), "")
+    try:
+        value = float(number.removesuffix(unit) if unit else number)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size such as 2GB or 512MB, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a size of at least 0, got {text!r}")
+    return int(value * _UNITS[unit])
+
+
 def _positive_int(text: str) -> int:
     """argparse type: an integer >= 1 (a count or a length)."""
     try:
@@ -152,6 +168,33 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", default=None, help="output directory (default lowbit-out/<model>-<preset>)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     q.add_argument("--no-eval", action="store_true", help="skip the evaluation against the original")
+    q.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run into the same --out from its last finished block (same model, recipe, "
+        "calibration and options); the checkpoint equals an uninterrupted run's",
+    )
+    q.add_argument(
+        "--max-memory",
+        type=_size,
+        default=None,
+        metavar="SIZE",
+        help="calibration activations kept in memory, e.g. 2GB or 512MB; the rest go to temporary files "
+        "(default: no limit). Weights are read one block at a time either way",
+    )
+    q.add_argument(
+        "--device",
+        default="cpu",
+        help="where each block and its activations are processed: cpu, cuda, cuda:N or auto (default cpu); "
+        "weights stay on disk and in host memory",
+    )
+    q.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        help="data-parallel processes on this machine: calibration samples are split between them and their "
+        "statistics summed (default 1; under torchrun, one per rank)",
+    )
     q.add_argument("--eval-data", default=None, help="evaluation text (default: the --calib source's held-out split)")
     q.add_argument(
         "--layers",

@@ -352,7 +352,8 @@ def _search(
                 attn = block.get_submodule(arch.attention)
                 if "lowbit_kv" in attn._modules:
                     del attn._modules["lowbit_kv"]
-            model.config._attn_implementation = attn_impl
+            config: Any = model.config
+            config._attn_implementation = attn_impl
     if not source.in_memory:
         for p in prefixes:
             source.release(p)

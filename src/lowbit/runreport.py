@@ -44,6 +44,15 @@ class RunReport:
         """The ``n`` layers with the largest relative output error."""
         return sorted(self.layers, key=lambda r: r.rel_error, reverse=True)[:n]
 
+    def provenance(self, base_model: str | None) -> dict[str, Any]:
+        """What a checkpoint's ``lowbit.json`` records of the run: scheme, recipe, this report."""
+        return {
+            "scheme": to_dict(self.recipe.scheme),
+            "recipe": to_dict(self.recipe),
+            "report": self.to_dict(),
+            "base_model": base_model,
+        }
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "recipe": to_dict(self.recipe),

@@ -15,7 +15,7 @@ import numpy as np
 from lowbit import archs
 from lowbit.archs import GGUFArch
 
-__all__ = ["GGUF_ARCHS", "GGUFArch", "gguf_arch", "head_row_order"]
+__all__ = ["GGUF_ARCHS", "GGUFArch", "arch_for_gguf", "gguf_arch", "head_row_order", "hf_row_order"]
 
 
 def gguf_arch(model_type: object) -> GGUFArch | None:
