@@ -383,7 +383,7 @@ ERROR_CASES: dict[str, tuple[Callable[[Setup, Path], list[str]], list[str]]] = {
         ["recipe file nope.yaml does not exist"],
     ),
     "calib too short": (
-        lambda s, t: _argv(s, None, _short_text(t)),
+        lambda s, t: _argv(s, None, _short_text(t), "--no-eval"),
         ["(calib split) has only 20 tokens, and 33 are needed", "shorter sequence length"],
     ),
     # found before quantizing, so nothing is written

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from lowbit import defaults, dist
+from lowbit.algorithms import build_algorithm
 from lowbit.checkpoint import outer_tensors
 from lowbit.data import calibration_samples
 from lowbit.errors import LowbitError
@@ -25,6 +26,7 @@ from lowbit.runreport import RunReport
 from lowbit.scheme import Recipe, to_dict
 from lowbit.sink import CheckpointSink
 from lowbit.source import open_source
+from lowbit.stages import needs_data
 
 
 @dataclasses.dataclass
@@ -52,8 +54,11 @@ def run_job(job: Job, workers: int = 1) -> RunReport:
             )
         return dist.run_workers(workers, run_job, job)
     source, tokenizer = open_source(job.model, trust_remote_code=job.trust_remote_code)
-    calib = calibration_samples(tokenizer, job.calib, n_samples=job.samples, seq_len=job.seq_len, seed=job.seed)
-    local = dist.split_samples(calib) if dist.world() > 1 else calib
+    if job.options.measure or needs_data(job.recipe, [build_algorithm(s.name, s.params) for s in job.recipe.steps]):
+        calib = calibration_samples(tokenizer, job.calib, n_samples=job.samples, seq_len=job.seq_len, seed=job.seed)
+    else:  # a data-free recipe: no text is read at all
+        calib = torch.zeros((0, job.seq_len), dtype=torch.int64)
+    local = dist.split_samples(calib) if dist.world() > 1 and len(calib) else calib
     sink = None
     if dist.is_main():
         sink = CheckpointSink(job.out, overwrite=job.overwrite, resume=job.resume, fingerprint=fingerprint(job, calib))
