@@ -289,8 +289,6 @@ def _quantize(args: argparse.Namespace) -> int:
         return 0  # rank 0 writes, evaluates and prints
     for warning in report.warnings:
         print(f"lowbit: warning: {warning}", file=sys.stderr)
-    # the checkpoint as written (its hashes checked), not the blocks the run has already let go
-    model, tok, _ = api.load_quantized(out, trust_remote_code=args.trust_remote_code)
     size = sum(f.stat().st_size for f in weight_files(out))
     summary: dict[str, Any] = {
         "model": args.model,
@@ -302,7 +300,7 @@ def _quantize(args: argparse.Namespace) -> int:
         else "none (the recipe needs no calibration data)",
         "threads": torch.get_num_threads(),
         "workers": args.workers,
-        "bits_per_weight": api.bits_per_weight(model),
+        "bits_per_weight": _bits_per_weight(out, report),
         "file_mb": size / 2**20,
         "quantize_seconds": report.seconds,
         "worst_layers": ", ".join(f"{r.name} {r.rel_error:.2e}" for r in report.worst_layers(3)),
@@ -312,7 +310,8 @@ def _quantize(args: argparse.Namespace) -> int:
     if args.layers and not args.json:
         print(_layer_table(report))
     rows = []
-    if windows is not None:
+    if windows is not None:  # the checkpoint as written (its hashes checked) against the original
+        model, _, _ = api.load_quantized(out, trust_remote_code=args.trust_remote_code)
         baseline, _ = api.load_model(args.model, trust_remote_code=args.trust_remote_code)
         rows = _eval_rows(model, baseline, windows, args)
     summary["total_seconds"] = time.perf_counter() - started
@@ -325,6 +324,20 @@ def _quantize(args: argparse.Namespace) -> int:
     if rows:
         print(_table(rows, args))
     return 0
+
+
+def _bits_per_weight(out: Path, report: Any) -> float | None:
+    """Average bits per weight of the quantized layers, from the report and the checkpoint's
+    layer table (shapes), without loading the checkpoint (it may not fit in memory)."""
+    from lowbit.checkpoint import META_FILE
+
+    shapes = json.loads((out / META_FILE).read_text())["layers"]
+    total_bits, total = 0.0, 0
+    for r in report.layers:
+        if r.name in shapes and r.weights != "float":
+            n = shapes[r.name]["shape"][0] * shapes[r.name]["shape"][1]
+            total_bits, total = total_bits + r.bits_per_weight * n, total + n
+    return total_bits / total if total else None
 
 
 def _eval(args: argparse.Namespace) -> int:

@@ -89,9 +89,11 @@ def quantize_block(
     for algorithm in algorithms:
         if algorithm.kind != "transform":
             algorithm.apply(ctx)
+    if new_store is None:  # data-free: the weights' error, and no float copy is kept
+        errors = {name: _weight_error(ctx, name) for name in ctx.targets}
+        _swap_in_quant_linears(ctx, observers, keep_float=False)
+        return [_row(ctx, name, errors[name]) for name in ctx.targets], None, None
     float_weights = _swap_in_quant_linears(ctx, observers)
-    if new_store is None:
-        return [_row(ctx, name, _weight_error(ctx, name, float_weights[name][0])) for name in ctx.targets], None, None
     assert reference is not None
     outputs = new_store()
     sums = {name: torch.zeros(2, dtype=torch.float64) for name in ctx.targets}
@@ -145,16 +147,15 @@ def _row(ctx: BlockContext, name: str, rel_error: float) -> LayerReport:
     )
 
 
-def _weight_error(ctx: BlockContext, name: str, w: torch.Tensor) -> float:
-    """``||W_q - W||^2 / ||W||^2`` of a layer (the data-free run's error)."""
-    module = ctx.block.get_submodule(name)
-    assert isinstance(module, QuantLinear)
-    if module.qweight is None:
+def _weight_error(ctx: BlockContext, name: str) -> float:
+    """``||W_q - W||^2 / ||W||^2`` of a target before it is swapped (the data-free run's error)."""
+    qw = ctx.qweights.get(name)
+    if qw is None:
         return 0.0
-    wq = module.qweight.dequantize().to(w.device, torch.float64)
-    ref = w.double()
-    den = float(ref.pow(2).sum())
-    return float((wq - ref).pow(2).sum()) / den if den > 0 else 0.0
+    w = ctx.targets[name].weight.detach().float()
+    den = float(w.pow(2).sum(dtype=torch.float64))
+    num = float((qw.dequantize().to(w.device) - w).pow_(2).sum(dtype=torch.float64))
+    return num / den if den > 0 else 0.0
 
 
 def _observe_input(observer: Observer) -> Callable[..., None]:
@@ -188,16 +189,18 @@ def _float_pass(
 
 
 def _swap_in_quant_linears(
-    ctx: BlockContext, observers: dict[str, Observer]
+    ctx: BlockContext, observers: dict[str, Observer], keep_float: bool = True
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-    """Replace each target by a QuantLinear; returns the float (weight, bias) each one replaced."""
+    """Replace each target by a QuantLinear; returns the float (weight, bias) each one replaced
+    (a copy, for the measure stage; none without ``keep_float``)."""
     float_weights: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
     for name, linear in ctx.targets.items():
         aspec = ctx.specs[name][1]
         act = ActQuantizer(aspec) if aspec is not None else None
         if act is not None and name in observers:
             act.set_range(*observers[name].range())
-        float_weights[name] = (linear.weight.detach().clone(), linear.bias)
+        if keep_float:
+            float_weights[name] = (linear.weight.detach().clone(), linear.bias)
         ctx.block.set_submodule(name, QuantLinear.from_linear(linear, ctx.qweights.get(name), act))
     return float_weights
 
