@@ -49,20 +49,14 @@ def check_quantize(
 def skeleton(spec: str, trust_remote_code: bool = False) -> nn.Module:
     """The model ``spec`` names (as ``models.load_model`` takes it), on the meta device: layer names
     and shapes, no weights read. Missing or broken model files are reported as ``load_model`` does."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    from lowbit.models import no_remote_code
+    from lowbit.models import meta_skeleton, no_remote_code
 
     with no_remote_code(spec, trust_remote_code):
         config = _config(spec, trust_remote_code)
     try:
-        with init_empty_weights():
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        return meta_skeleton(config, trust_remote_code=trust_remote_code)
     except ValueError as exc:  # an architecture transformers has no causal LM class for
         raise LowbitError(f"cannot build a causal language model from the config of {spec!r}: {exc}") from exc
-    model.tie_weights()  # as loading does: a tied output layer is one tensor (and one in the file)
-    return model
 
 
 def _config(spec: str, trust_remote_code: bool) -> Any:
