@@ -299,12 +299,13 @@ def _quantize(args: argparse.Namespace) -> int:
         if report.forward_passes
         else "none (the recipe needs no calibration data)",
         "threads": torch.get_num_threads(),
-        "workers": args.workers,
         "bits_per_weight": _bits_per_weight(out, report),
         "file_mb": size / 2**20,
         "quantize_seconds": report.seconds,
         "worst_layers": ", ".join(f"{r.name} {r.rel_error:.2e}" for r in report.worst_layers(3)),
     }
+    if args.workers > 1:
+        summary["workers"] = args.workers
     if report.spilled_bytes:
         summary["spilled_mb"] = report.spilled_bytes / 2**20
     if args.layers and not args.json:
