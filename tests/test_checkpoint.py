@@ -16,7 +16,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 import lowbit.checkpoint as checkpoint
-from lowbit import api, outdir, sink
+from lowbit import api, durable, outdir
 from lowbit.errors import LowbitError
 from lowbit.kvcache import KVQuantizer
 from lowbit.modules import QuantLinear
@@ -254,7 +254,7 @@ def test_failed_write_leaves_old_output_untouched(tmp_path: Path, monkeypatch: p
     def broken_save_file(*_args: Any, **_kwargs: Any) -> None:
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(sink, "save_file", broken_save_file)
+    monkeypatch.setattr(durable, "save_file", broken_save_file)
     with pytest.raises(LowbitError, match=r"No space left.*left as it was"):  # no traceback in the CLI
         checkpoint.save_quantized(model, None, out, {}, overwrite=True)
     assert _files(out) == before

@@ -51,8 +51,9 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from lowbit.durable import differences, fsync, normalized, save_tensors, unshared, write_json
 from lowbit.errors import LowbitError
 from lowbit.outdir import (
     TMP_SUFFIX,
@@ -78,98 +79,11 @@ _BLOCK = "lowbit-blocks-{:05d}.safetensors"
 _BOUNDARY = "lowbit-boundary-{:05d}.safetensors"
 _BLOCK_RE = re.compile(r"lowbit-blocks-\d{5,}\.safetensors")
 _BOUNDARY_RE = re.compile(r"lowbit-boundary-\d{5,}\.safetensors")
-# one key only: safetensors writes metadata in hash-map order, so two keys make the bytes (and the
-# recorded SHA-256) differ from run to run; the format version is in lowbit.json and the index
-_FILE_METADATA = {"format": "pt"}
 
 
 def block_file(index: int) -> str:
     """The shard of decoder block ``index``."""
     return _BLOCK.format(index)
-
-
-# ---- durable writes ------------------------------------------------------------------------------
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Detached, contiguous CPU tensors; a tensor sharing storage with an earlier one is copied
-    (safetensors refuses shared storage, e.g. hidden states that are chunks of one tensor)."""
-    out: dict[str, torch.Tensor] = {}
-    storages: set[int] = set()
-    for name, t in tensors.items():
-        t = t.detach().contiguous().cpu()
-        ptr = t.untyped_storage().data_ptr()
-        if t.numel() and ptr in storages:
-            t = t.clone()
-            ptr = t.untyped_storage().data_ptr()
-        storages.add(ptr)
-        out[name] = t
-    return out
-
-
-def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """Write a safetensors file durably: temp name, fsync, rename, fsync the directory."""
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=_FILE_METADATA)
-    _fsync(tmp)
-    os.replace(tmp, path)
-    _fsync(path.parent)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(obj, indent=1))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync(path.parent)
-
-
-# ---- fingerprints --------------------------------------------------------------------------------
-
-
-def _normalized(value: Any, what: str) -> Any:
-    """``value`` as JSON reads it back (tuples become lists, keys strings), so equal runs compare
-    equal; key order is kept (``lowbit.json`` keeps the provenance as given)."""
-    try:
-        return json.loads(json.dumps(value))
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"{what} must be JSON-able: {exc}") from None
-
-
-def _short(value: Any) -> str:
-    text = json.dumps(value, sort_keys=True)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def differences(old: Any, new: Any, path: str = "") -> list[str]:
-    """Lines naming each place where two JSON values differ (``recipe.steps[0].name: ...``)."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        out: list[str] = []
-        for key in sorted(set(old) | set(new)):
-            where = f"{path}.{key}" if path else key
-            if key not in old:
-                out.append(f"{where}: absent in the partial run, {_short(new[key])} now")
-            elif key not in new:
-                out.append(f"{where}: {_short(old[key])} in the partial run, absent now")
-            else:
-                out += differences(old[key], new[key], where)
-        return out
-    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
-        pairs = enumerate(zip(old, new, strict=True))
-        return [line for i, (a, b) in pairs for line in differences(a, b, f"{path}[{i}]")]
-    if old != new:
-        return [f"{path or 'fingerprint'}: {_short(old)} in the partial run, {_short(new)} now"]
-    return []
 
 
 # ---- the sink ------------------------------------------------------------------------------------
@@ -192,7 +106,7 @@ class CheckpointSink:
         self.out = Path(out_dir)
         self.partial = partial_dir(self.out)
         self.overwrite = overwrite
-        self._fingerprint = _normalized(fingerprint, "the fingerprint")
+        self._fingerprint = normalized(fingerprint, "the fingerprint")
         self._blocks: dict[int, dict[str, Any]] = {}
         self._boundary: dict[str, Any] | None = None
         self._stack = ExitStack()
@@ -256,9 +170,9 @@ class CheckpointSink:
             )
             os.chmod(tmp, 0o755)
             write_marker(tmp)
-            _write_json(tmp / MANIFEST_FILE, self._manifest({}, None))
+            write_json(tmp / MANIFEST_FILE, self._manifest({}, None))
             os.replace(tmp, self.partial)
-            _fsync(self.out.parent)
+            fsync(self.out.parent)
         except OSError as exc:
             raise LowbitError(_os_message(self.out, exc, "")) from exc
         self._blocks, self._boundary = {}, None
@@ -327,7 +241,7 @@ class CheckpointSink:
         }
 
     def _write_manifest(self, blocks: dict[int, dict[str, Any]], boundary: dict[str, Any] | None) -> None:
-        _write_json(self.partial / MANIFEST_FILE, self._manifest(blocks, boundary))
+        write_json(self.partial / MANIFEST_FILE, self._manifest(blocks, boundary))
 
     def _check_open(self) -> None:
         if not self._open:
@@ -360,12 +274,12 @@ class CheckpointSink:
         self._check_open()
         if index < 0:
             raise ValueError(f"block index {index} < 0")
-        record = _normalized({"layers": layers, "kv_cache": kv_cache, "state": state}, f"block {index}'s record")
+        record = normalized({"layers": layers, "kv_cache": kv_cache, "state": state}, f"block {index}'s record")
         others = {n for i, e in self._blocks.items() if i != index for n in e["tensors"]}
         clash = sorted(set(module_prefix_tensors) & others)
         if clash:
             raise ValueError(f"block {index} has tensors that another block already wrote: {clash[:5]}")
-        tensors = _unshared(module_prefix_tensors)
+        tensors = unshared(module_prefix_tensors)
         file = block_file(index)
         try:
             if index in self._blocks:  # rewritten: unlist it first, so the manifest never lists a changing file
@@ -373,7 +287,7 @@ class CheckpointSink:
                 self._write_manifest(blocks, self._boundary)
                 self._blocks = blocks
             path = self.partial / file
-            _save_tensors(tensors, path)
+            save_tensors(tensors, path)
             entry = {
                 "file": file,
                 "bytes": path.stat().st_size,
@@ -399,7 +313,7 @@ class CheckpointSink:
             if old is not None and old["file"] == file:  # the same name is rewritten: unlist it first
                 self._write_manifest(self._blocks, None)
                 self._boundary = None
-            _save_tensors(_unshared({f"hidden.{i}": t for i, t in enumerate(hidden)}), path)
+            save_tensors(unshared({f"hidden.{i}": t for i, t in enumerate(hidden)}), path)
             boundary = {"index": index, "file": file, "count": len(hidden), "bytes": path.stat().st_size}
             self._write_manifest(self._blocks, boundary)
             self._boundary = boundary
@@ -481,8 +395,8 @@ class CheckpointSink:
         both = sorted(set(outer_layers) & set(layers))
         if both:
             raise ValueError(f"outer layers that a block already has: {both[:5]}")
-        layers.update(_normalized(outer_layers, "outer_layers"))
-        outer = _unshared(outer_tensors)
+        layers.update(normalized(outer_layers, "outer_layers"))
+        outer = unshared(outer_tensors)
         weight_map.update(dict.fromkeys(outer, OUTER_FILE))
         total += sum(t.numel() * t.element_size() for t in outer.values())
 
@@ -491,12 +405,12 @@ class CheckpointSink:
         model_config.save_pretrained(p)
         if tokenizer is not None:
             tokenizer.save_pretrained(p)
-        _save_tensors(outer, p / OUTER_FILE)
+        save_tensors(outer, p / OUTER_FILE)
         index = {
             "metadata": {"format_version": FORMAT_VERSION, "total_size": total},
             "weight_map": dict(sorted(weight_map.items())),
         }
-        _write_json(p / INDEX_FILE, index)
+        write_json(p / INDEX_FILE, index)
         # hashes: every file of the checkpoint; shards as recorded when written (they are not read again)
         shards = {e["file"]: e["sha256"] for e in self._blocks.values()}
         # every other file but the run's bookkeeping and files other code put there (dot files: the marker)
@@ -504,13 +418,13 @@ class CheckpointSink:
         new -= {META_FILE, MANIFEST_FILE, *shards}
         new = {n for n in new if not n.startswith(".") and not n.endswith(".tmp") and not _BOUNDARY_RE.fullmatch(n)}
         for name in sorted(new):
-            _fsync(p / name)
+            fsync(p / name)
         hashes = dict(sorted({**hash_files(p, new), **shards}.items()))
-        full = {"format_version": FORMAT_VERSION, **_normalized(meta, "meta")}
+        full = {"format_version": FORMAT_VERSION, **normalized(meta, "meta")}
         # what load_quantized needs comes from the blocks themselves, never from the caller's provenance
         full.update(format_version=FORMAT_VERSION, layers=layers, kv_cache=kv_specs[0] if kv_specs else None)
         full[HASH_KEY] = hashes
-        _write_json(p / META_FILE, full)
+        write_json(p / META_FILE, full)
         check_free(self.out, self.overwrite)  # still under the lock; nobody else wrote it meanwhile
         install_dir(p, self.out)  # the commit point: before it the partial run is resumable, after it done
         self._release()
