@@ -142,3 +142,50 @@ def test_a_memory_budget_writes_the_same_checkpoint(world: World, tmp_path: Path
 def test_resume_with_workers_is_refused(world: World, tmp_path: Path) -> None:
     with pytest.raises(LowbitError, match="resume with one worker"):
         run_job(_job(world, tmp_path / "out", "w4a16", resume=True), workers=2)
+
+
+def test_cli_resume_after_an_interrupt(world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from world import CALIB_ARGS, run_cli
+
+    out = tmp_path / "out"
+    argv = ["quantize", str(world.model), "--preset", "w4a16", "--calib", str(world.text), *CALIB_ARGS]
+    argv += ["--out", str(out), "--no-eval", "--quiet", "--max-memory", "1KB"]
+    emit = lowbit.pipeline._emit
+
+    def interrupted(sink: Any, block: Any, prefix: str, index: int, *rest: Any) -> None:
+        emit(sink, block, prefix, index, *rest)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lowbit.pipeline, "_emit", interrupted)
+    rc, _, err = run_cli(argv)
+    assert rc == 130 and "add --resume to the same command" in err
+    assert (tmp_path / ".out.partial").is_dir() and not out.exists()
+    monkeypatch.undo()
+    processed: list[int] = []
+
+    def counted(sink: Any, block: Any, prefix: str, index: int, *rest: Any) -> None:
+        processed.append(index)
+        emit(sink, block, prefix, index, *rest)
+
+    monkeypatch.setattr(lowbit.pipeline, "_emit", counted)
+    rc, _, err = run_cli([*argv, "--resume"])
+    assert rc == 0, err
+    assert processed == [1]
+    whole = tmp_path / "whole"
+    rc, _, err = run_cli([*argv[: argv.index("--out")], "--out", str(whole), "--no-eval", "--quiet"])
+    assert rc == 0, err
+    assert checkpoint_digests(out) == checkpoint_digests(whole)
+
+
+@pytest.mark.parametrize(("text", "size"), [("2GB", 2 * 2**30), ("512MiB", 512 * 2**20), ("1.5kb", 1536), ("100", 100)])
+def test_max_memory_sizes(text: str, size: int) -> None:
+    from lowbit.cli_parser import _size
+
+    assert _size(text) == size
+
+
+def test_max_memory_refuses_nonsense() -> None:
+    from world import run_cli
+
+    rc, _, err = run_cli(["quantize", "--max-memory", "lots"])
+    assert rc == 2 and "expected a size such as 2GB or 512MB" in err

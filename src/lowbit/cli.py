@@ -49,7 +49,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lowbit: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("lowbit: interrupted; no partial output was left in place", file=sys.stderr)
+        if args.command == "quantize":
+            print(
+                "lowbit: interrupted; the finished blocks are kept next to the output: add --resume to the same "
+                "command to continue from them",
+                file=sys.stderr,
+            )
+        else:
+            print("lowbit: interrupted; no partial output was left in place", file=sys.stderr)
         return 130
     finally:
         if restore_bars:
