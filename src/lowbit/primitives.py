@@ -8,6 +8,8 @@ Rounding is half to even with saturation, as in ONNX ``QuantizeLinear``:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from lowbit.formats import Format, IntFormat
@@ -102,6 +104,32 @@ def fake_quantize_range(
     """Fake-quantize ``x`` with parameters derived from the range ``[lo, hi]`` (broadcasting)."""
     scale, zp = qparams(lo, hi, fmt, symmetric, scale_dtype)
     return fake_quantize(x, scale, zp, fmt)
+
+
+@dataclass(frozen=True)
+class RangeFakeQuant:
+    """``fake_quantize_range`` with a fixed format, symmetry and scale dtype: what an MSE range
+    search calls for every candidate range."""
+
+    fmt: Format
+    symmetric: bool
+    scale_dtype: str
+
+    def __call__(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        return fake_quantize_range(x, lo, hi, self.fmt, self.symmetric, self.scale_dtype)
+
+    def squared_error(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        """Per row of ``x`` (R, N) float32, ``((self(x, lo, hi) - x) ** 2).sum(1)``, bit for bit, with
+        one temporary instead of seven (the same operations in the same order, in place)."""
+        if not isinstance(self.fmt, IntFormat):
+            diff = self(x, lo, hi) - x
+            return (diff * diff).sum(1)
+        scale, zero_point = qparams(lo, hi, self.fmt, self.symmetric, self.scale_dtype)
+        y = x / scale
+        y.round_().add_(zero_point).clamp_(self.fmt.qmin, self.fmt.qmax)  # quantize
+        y.sub_(zero_point).mul_(scale)  # dequantize
+        y.sub_(x)
+        return y.mul_(y).sum(1)
 
 
 def per_token_fake_quantize(x: torch.Tensor, fmt: Format, symmetric: bool, scale_dtype: str) -> torch.Tensor:

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.observers import FakeQuant, Observer, make_observer, row_range
-from lowbit.primitives import SCALE_DTYPES, fake_quantize_range, group_index, qparams, quantize
+from lowbit.observers import Observer, make_observer, row_range
+from lowbit.primitives import SCALE_DTYPES, RangeFakeQuant, group_index, qparams, quantize
 from lowbit.scheme import QuantSpec
 
 
@@ -71,14 +71,9 @@ class QuantizedWeight:
         return self.spec.bits + extra / (out * inp)
 
 
-def spec_fake_quant(spec: QuantSpec) -> FakeQuant:
+def spec_fake_quant(spec: QuantSpec) -> RangeFakeQuant:
     """``fake_quant(x, lo, hi)`` with ``spec``'s format, symmetry and scale dtype (for MSE search)."""
-    fmt = spec.fmt
-
-    def fake(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-        return fake_quantize_range(x, lo, hi, fmt, spec.symmetric, spec.scale_dtype)
-
-    return fake
+    return RangeFakeQuant(spec.fmt, spec.symmetric, spec.scale_dtype)
 
 
 def spec_observer(spec: QuantSpec) -> Observer:
