@@ -15,7 +15,7 @@ from world import World, build_world
 import lowbit.pipeline
 from lowbit import api
 from lowbit.errors import LowbitError
-from lowbit.golden import checkpoint_digests
+from lowbit.golden import checkpoint_digests, golden_recipes
 from lowbit.job import Job, run_job
 from lowbit.pipeline import RunOptions
 from lowbit.presets import get_preset
@@ -32,6 +32,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
 def _recipe(name: str) -> Recipe:
     if name == "w8a8-static+rtn":
         return dataclasses.replace(get_preset("w8a8-static"), steps=(Step("smoothquant"), Step("rtn")), name=name)
+    if name in golden_recipes():
+        return golden_recipes()[name]
     return get_preset(name)
 
 
@@ -48,7 +50,7 @@ def _in_memory(world: World, out: Path, recipe: str) -> dict[str, str]:
     return checkpoint_digests(out)
 
 
-@pytest.mark.parametrize("recipe", ["w4a16", "w8a8-static", "w4a16-rtn", "w4a16-awq"])
+@pytest.mark.parametrize("recipe", ["w4a16", "w8a8-static", "w4a16-rtn", "w4a16-awq", "w8a8-sqplus", "w8a8-osplus"])
 def test_a_streamed_job_writes_the_in_memory_checkpoint(world: World, tmp_path: Path, recipe: str) -> None:
     report = run_job(_job(world, tmp_path / "streamed", recipe))
     assert checkpoint_digests(tmp_path / "streamed") == _in_memory(world, tmp_path / "memory", recipe)
