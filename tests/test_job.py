@@ -63,6 +63,19 @@ class Killed(Exception):
     pass
 
 
+def _count_blocks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """From now on, the blocks the runner emits (their indices, in order)."""
+    emit = lowbit.pipeline._emit
+    processed: list[int] = []
+
+    def counted(sink: Any, block: Any, prefix: str, index: int, *rest: Any) -> None:
+        processed.append(index)
+        emit(sink, block, prefix, index, *rest)
+
+    monkeypatch.setattr(lowbit.pipeline, "_emit", counted)
+    return processed
+
+
 @pytest.mark.parametrize("where", ["after block 0", "between block 0 and its outputs"])
 def test_a_killed_job_resumes_to_the_uninterrupted_checkpoint(
     world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
@@ -84,13 +97,7 @@ def test_a_killed_job_resumes_to_the_uninterrupted_checkpoint(
     assert not (tmp_path / "resumed").exists() and (tmp_path / ".resumed.partial").is_dir()
     monkeypatch.undo()
 
-    processed: list[int] = []
-
-    def counted(sink: Any, block: Any, prefix: str, index: int, *rest: Any) -> None:
-        processed.append(index)
-        emit(sink, block, prefix, index, *rest)
-
-    monkeypatch.setattr(lowbit.pipeline, "_emit", counted)
+    processed = _count_blocks(monkeypatch)
     report = run_job(_job(world, tmp_path / "resumed", "w4a16", resume=True))
     # after block 0 it came from the partial run; without its outputs it is done again
     assert processed == ([1] if where == "after block 0" else [0, 1])
@@ -103,16 +110,11 @@ def test_a_killed_job_resumes_to_the_uninterrupted_checkpoint(
 def test_resume_refuses_a_partial_run_of_another_recipe(
     world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def killed(*_: Any) -> None:
-        raise Killed
-
     emit = lowbit.pipeline._emit
-    calls = [0]
 
     def once(*args: Any) -> None:
         emit(*args)
-        calls[0] += 1
-        killed()
+        raise Killed
 
     monkeypatch.setattr(lowbit.pipeline, "_emit", once)
     with pytest.raises(Killed):
@@ -163,13 +165,7 @@ def test_cli_resume_after_an_interrupt(world: World, tmp_path: Path, monkeypatch
     assert rc == 130 and "add --resume to the same command" in err
     assert (tmp_path / ".out.partial").is_dir() and not out.exists()
     monkeypatch.undo()
-    processed: list[int] = []
-
-    def counted(sink: Any, block: Any, prefix: str, index: int, *rest: Any) -> None:
-        processed.append(index)
-        emit(sink, block, prefix, index, *rest)
-
-    monkeypatch.setattr(lowbit.pipeline, "_emit", counted)
+    processed = _count_blocks(monkeypatch)
     rc, _, err = run_cli([*argv, "--resume"])
     assert rc == 0, err
     assert processed == [1]

@@ -23,28 +23,6 @@ def gguf_arch(model_type: object) -> GGUFArch | None:
     entry = archs.ARCHS.get(model_type) if isinstance(model_type, str) else None
     return None if entry is None else entry.gguf
 
-    def hf_name(self, gguf_name: str) -> str | None:
-        """The HF state-dict key of a GGUF tensor name (the inverse of ``gguf_name``), or None."""
-        for hf, gg in self.model_names.items():
-            if gg == gguf_name:
-                return hf
-        head, _, rest = gguf_name.partition(".")
-        index, _, local = rest.partition(".")
-        if head == "blk" and index.isdigit():
-            for hf, gg in self.block_names.items():
-                if gg == local:
-                    return f"{self.blocks}.{index}.{hf}"
-        return None
-
-    def permute_heads(self, gguf_name: str) -> str | None:
-        """The config attribute holding the head count of a GGUF tensor whose rows llama.cpp permutes
-        (``permute``), or None when the tensor is stored in HF's row order."""
-        head, _, rest = gguf_name.partition(".")
-        index, _, local = rest.partition(".")
-        if head == "blk" and index.isdigit():
-            return self.permute.get(local)
-        return None
-
 
 class _GGUFArchs(Mapping[str, GGUFArch]):
     """model_type -> GGUFArch for every family whose table entry has a GGUF part, read at each access."""
