@@ -5,7 +5,8 @@
 Each case runs in its own process (its peak RSS is that process's ``ru_maxrss``):
 
 - ``read_write``: read every weight of the model's safetensors and write them again (the floor
-  of any quantization), against ``rtn``: the data-free ``w4a16-rtn`` streamed into a checkpoint;
+  of any quantization), against ``rtn``: the data-free ``w4a16-rtn`` streamed into a checkpoint
+  (its MSE clip search is most of its time), and ``rtn_minmax``: the same with min-max ranges;
 - ``forward``: one fp32 forward pass of the whole model over the calibration set, against
   ``gptq``: GPTQ W4 (groups of 64) streamed into a checkpoint, and ``gptq_in_memory``: the same
   with the model loaded whole and quantized in place (how lowbit ran before the block runner);
@@ -27,7 +28,7 @@ from typing import Any
 
 import torch
 
-CASES = ("read_write", "rtn", "forward", "gptq", "gptq_in_memory", "workers1", "workers2")
+CASES = ("read_write", "rtn", "rtn_minmax", "forward", "gptq", "gptq_in_memory", "workers1", "workers2")
 
 
 def _recipe(name: str) -> Any:
@@ -53,6 +54,14 @@ def case(name: str, samples: int, seq_len: int, out: str) -> dict[str, Any]:
             save_file(tensors, f"{out}/copy-{i}.safetensors")
     elif name == "rtn":
         report = api.quantize_to("demo", _recipe("w4a16-rtn"), f"{out}/ckpt", progress=False)
+        result["forward_passes"] = report.forward_passes
+    elif name == "rtn_minmax":  # the same without the MSE clip search: what the runner itself costs
+        import dataclasses
+
+        recipe = _recipe("w4a16-rtn")
+        weights = dataclasses.replace(recipe.scheme.weights, observer="minmax", observer_args={})
+        recipe = dataclasses.replace(recipe, scheme=dataclasses.replace(recipe.scheme, weights=weights))
+        report = api.quantize_to("demo", recipe, f"{out}/ckpt", progress=False)
         result["forward_passes"] = report.forward_passes
     elif name == "forward":
         model, tok = api.load_model("demo")
