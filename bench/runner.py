@@ -159,6 +159,9 @@ def main() -> None:
             f"data-free w4a16-rtn: {r['rtn']['seconds'] / r['read_write']['seconds']:.2f}x the time of reading and "
             f"writing the weights ({r['rtn']['forward_passes']} forward passes)"
         )
+    if "rtn_minmax" in r and "read_write" in r:
+        ratio = r["rtn_minmax"]["seconds"] / r["read_write"]["seconds"]
+        print(f"data-free w4a16-rtn with min-max ranges: {ratio:.2f}x the time of reading and writing the weights")
     if "gptq" in r and "forward" in r:
         q = r["gptq"]["quantize_seconds"]
         print(
