@@ -15,7 +15,9 @@ in place before the first block and the float weights are restored after each on
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import gc
 import math
 import time
 from pathlib import Path
@@ -197,6 +199,7 @@ def run(source: Source, recipe: Any, calib: torch.Tensor, options: RunOptions, s
             if not source.in_memory:
                 _unload(block)
                 source.release(prefix)
+                _give_back_memory()
             status.set_description_str(f"block {i}: " + _status(err, rows))
             bar.update(1)
     finally:
@@ -270,6 +273,26 @@ def _unload(block: nn.Module) -> None:
         if isinstance(module, QuantLinear):
             linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
             block.set_submodule(name, linear)
+
+
+def _give_back_memory() -> None:
+    """Return a released block's memory to the OS. glibc keeps freed heap memory for reuse, and
+    blocks of many sizes fragment it: on a 34-block 26 GB llama the resident set grew by ~60 MB a
+    block (peak 5.9 GB) without this, and stayed flat with it."""
+    gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _libc() -> Any:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+_LIBC = _libc()
 
 
 def _status(block_err: float | None, layers: list[LayerReport]) -> str:
