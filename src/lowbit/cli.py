@@ -44,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args)
         if args.command == "bench":
             return _bench(args)
+        if args.command == "analyze":
+            from lowbit.cli_lab import analyze_command
+
+            return analyze_command(args)
         return _eval(args)
     except LowbitError as err:
         print(f"lowbit: error: {err}", file=sys.stderr)
@@ -361,10 +365,16 @@ def _eval(args: argparse.Namespace) -> int:
     if tok is None:
         raise LowbitError(f"{args.model} has no tokenizer files; give --baseline so its tokenizer can be used")
     rows = _eval_rows(model, baseline, _windows(tok, args, args.data), args)
+    from lowbit.cli_lab import eval_extras, format_extras
+
+    extras = eval_extras(model, baseline, tok, args)  # --generations, --tasks
     if args.json:
-        print(json.dumps({"model": args.model, "baseline": args.baseline, "data": args.data, "eval": rows}, indent=1))
+        result = {"model": args.model, "baseline": args.baseline, "data": args.data, "eval": rows}
+        print(json.dumps({**result, **extras}, indent=1))
     else:
         print(_table(rows, args))
+        if extras:
+            print(format_extras(extras))
     return 0
 
 
