@@ -16,7 +16,7 @@ from lowbit.analysis.capture import block_linears, capture_stats
 from lowbit.analysis.clusters import cluster_loss, cluster_losses, kmeans
 from lowbit.analysis.formats_error import fake_quant_acts, fake_quant_weight, format_errors
 from lowbit.analysis.mse_vs_kl import VARIANTS, layer_kls, ranks, spearman
-from lowbit.analysis.outliers import outlier_features, site_of
+from lowbit.analysis.outliers import site_of
 from lowbit.analysis.report import PLOTS
 from lowbit.analysis.stability import jaccard, top_k_channels
 from lowbit.cli import main
@@ -138,8 +138,25 @@ def test_cli_writes_every_file(tmp_path: Path, capsys: pytest.CaptureFixture[str
     byte_tokenizer().save_pretrained(model_dir)
     calib, a, b = (_text(tmp_path / f"{n}.txt", i) for i, n in enumerate(("calib", "a", "b")))
     out = tmp_path / "out"
-    argv = ["analyze", str(model_dir), "--calib", calib, "--out", str(out), "--domains", f"{a},{b}", "--samples", "4",
-            "--seq-len", "32", "--kl-layers", "2", "--clusters", "1,2", "--quiet"]
+    argv = [
+        "analyze",
+        str(model_dir),
+        "--calib",
+        calib,
+        "--out",
+        str(out),
+        "--domains",
+        f"{a},{b}",
+        "--samples",
+        "4",
+        "--seq-len",
+        "32",
+        "--kl-layers",
+        "2",
+        "--clusters",
+        "1,2",
+        "--quiet",
+    ]
     assert main(argv) == 0
     for name in ("analysis.json", "analysis.md", *PLOTS):
         data = (out / name).read_bytes()

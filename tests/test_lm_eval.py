@@ -19,11 +19,11 @@ from lowbit.errors import LowbitError
 
 pytest.importorskip("lm_eval")
 
-from lm_eval.api.instance import Instance  # noqa: E402
-from lm_eval.api.registry import get_model  # noqa: E402
+from lm_eval.api.instance import Instance
+from lm_eval.api.registry import get_model
 
-from lowbit.eval.lm_eval_adapter import TASKS_DIR, LowbitLM, continuation_logprob, run_tasks  # noqa: E402
-from lowbit.eval.local_tasks import lastword_items, write_lastword_task  # noqa: E402
+from lowbit.eval.lm_eval_adapter import TASKS_DIR, LowbitLM, continuation_logprob, run_tasks
+from lowbit.eval.local_tasks import lastword_items, write_lastword_task
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,7 +105,7 @@ def test_local_tasks_on_a_checkpoint(tmp_path: Path) -> None:
     lls = []
     for it in items:  # truncated on the left to the model's 256 positions, as the adapter does
         cont = tok.encode(" " + it["target"])
-        lls.append(_direct_ll(model, (tok.encode(it["context"]) + cont)[-257:-len(cont)], cont)[0])
+        lls.append(_direct_ll(model, (tok.encode(it["context"]) + cont)[-257 : -len(cont)], cont)[0])
     assert res["lowbit_lastword"]["perplexity"] == pytest.approx(float(torch.tensor(lls).mean().neg().exp()), rel=1e-4)
 
 
@@ -134,8 +134,14 @@ def test_lm_eval_finds_lowbit_by_name(tmp_path: Path) -> None:
 
     ckpt = _checkpoint(tmp_path)
     manager = TaskManager(include_path=[str(TASKS_DIR)], include_defaults=False)  # indexing lm-eval's takes a minute
-    res = simple_evaluate(model="lowbit", model_args=f"checkpoint={ckpt}", tasks=["lowbit_mc"], limit=2,
-                          task_manager=manager, bootstrap_iters=0)
+    res = simple_evaluate(
+        model="lowbit",
+        model_args=f"checkpoint={ckpt}",
+        tasks=["lowbit_mc"],
+        limit=2,
+        task_manager=manager,
+        bootstrap_iters=0,
+    )
     assert res is not None and "acc,none" in res["results"]["lowbit_mc"]
 
 
@@ -147,6 +153,32 @@ def test_entry_point_adds_the_example_tasks() -> None:
     assert with_lowbit_tasks([*base, "--include_path", "/mine"], "/T") == [*base, "--include_path", "/T:/mine"]
     assert with_lowbit_tasks(["ls", "tasks"], "/T") == ["ls", "tasks"]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "lowbit.lm_eval", "run", "--help"], env=env, capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "lowbit.lm_eval", "run", "--help"], env=env, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0 and "--model_args" in done.stdout
+
+
+def test_eval_command_with_tasks_and_generations(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lowbit.cli import main
+
+    ckpt = _checkpoint(tmp_path)
+    base = tmp_path / "base"
+    _model().save_pretrained(base)
+    byte_tokenizer().save_pretrained(base)
+    data = tmp_path / "text.txt"
+    data.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Once upon\nThe king\n")
+    argv = ["eval", str(ckpt), "--baseline", str(base), "--data", str(data), "--eval-windows", "2",
+            "--eval-seq-len", "16", "--generations", str(prompts), "--gen-tokens", "4", "--tasks", "lowbit_mc",
+            "--task-limit", "2", "--json", "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["generations"]["n_prompts"] == 2 and out["generations"]["embedding_model"] is None
+    assert "lowbit_mc" in out["tasks"]["model"] and "lowbit_mc" in out["tasks"]["baseline"]
+    assert main([*argv[:-2], "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "ROUGE-L" in text and "task lowbit_mc (model)" in text and "embedding similarity is left out" in text
+    assert main(["eval", str(ckpt), "--data", str(data), "--eval-seq-len", "16", "--generations", str(prompts)]) == 2
+    assert "--baseline" in capsys.readouterr().err

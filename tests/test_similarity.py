@@ -104,8 +104,15 @@ def _tiny_sentence_model(path: Path) -> Path:
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]").save_pretrained(bert_dir)
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=32, max_position_embeddings=64, initializer_range=0.5)
+    cfg = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+        initializer_range=0.5,
+    )
     BertModel(cfg).save_pretrained(bert_dir)
     word = Transformer(str(bert_dir), max_seq_length=32)
     st = SentenceTransformer(modules=[word, Pooling(16, pooling_mode="mean")], device="cpu")

@@ -72,8 +72,15 @@ def eval_extras(model: Any, baseline: Any, tok: Any, args: argparse.Namespace) -
             raise LowbitError("--generations compares with the original: give it as --baseline")
         prompts = default_prompts(args.data) if args.generations == "demo" else load_prompts(args.generations)
         out["generations"] = generation_similarity(
-            baseline, model, tok, prompts, args.gen_tokens, args.gen_seed, args.embedding_model,
-            allow_download=args.allow_download, progress=progress,
+            baseline,
+            model,
+            tok,
+            prompts,
+            args.gen_tokens,
+            args.gen_seed,
+            args.embedding_model,
+            allow_download=args.allow_download,
+            progress=progress,
         )
     if args.tasks:
         from lowbit.eval.lm_eval_adapter import run_tasks
@@ -81,7 +88,9 @@ def eval_extras(model: Any, baseline: Any, tok: Any, args: argparse.Namespace) -
         names = _names(args.tasks)
         out["tasks"] = {"model": run_tasks(model, tok, names, args.task_path, args.task_limit, progress=progress)}
         if baseline is not None:
-            out["tasks"]["baseline"] = run_tasks(baseline, tok, names, args.task_path, args.task_limit, progress=progress)
+            out["tasks"]["baseline"] = run_tasks(
+                baseline, tok, names, args.task_path, args.task_limit, progress=progress
+            )
     return out
 
 
@@ -94,7 +103,9 @@ def format_extras(extras: dict[str, Any]) -> str:
         for mode in ("greedy", "sampled"):
             g = gen[mode]
             emb = "-" if g["embedding_cosine"] is None else f"{g['embedding_cosine']:.4f}"
-            lines.append(f"  {mode:>8}: ROUGE-L {g['rouge_l']:.4f}  identical {g['exact_match']:.0%}  embedding cos {emb}")
+            lines.append(
+                f"  {mode:>8}: ROUGE-L {g['rouge_l']:.4f}  identical {g['exact_match']:.0%}  embedding cos {emb}"
+            )
         if gen["embedding_note"]:
             lines.append(f"  note: {gen['embedding_note']}")
     for who, table in (extras.get("tasks") or {}).items():
@@ -120,12 +131,16 @@ def add_analyze_parser(sub: Any) -> None:
     a.add_argument("--calib", default="demo", help="calibration text (same forms as quantize --calib)")
     a.add_argument("--out", required=True, help="output directory (created; files in it are replaced)")
     a.add_argument("--domains", default=None, help="comma-separated text sources compared with each other (2 or more)")
-    a.add_argument("--samples", type=_positive, default=16, help="calibration windows, split in two halves (default 16)")
+    a.add_argument(
+        "--samples", type=_positive, default=16, help="calibration windows, split in two halves (default 16)"
+    )
     a.add_argument("--seq-len", type=_positive, default=128, help="tokens per window (default 128)")
     a.add_argument("--seed", type=int, default=0, help="seed of the window draw and K-means (default 0)")
     a.add_argument("--top-k", type=_positive, default=8, help="channels per layer compared across inputs (default 8)")
     a.add_argument("--clusters", default="1,2,4,8,16", help="cluster counts for the RPTQ study (default 1,2,4,8,16)")
-    a.add_argument("--group-size", type=_positive, default=None, help="weight groups (default: 128, 64 or 32, dividing)")
+    a.add_argument(
+        "--group-size", type=_positive, default=None, help="weight groups (default: 128, 64 or 32, dividing)"
+    )
     a.add_argument("--kl-sequences", type=_positive, default=2, help="sequences for the per-layer KL (default 2)")
     a.add_argument("--kl-layers", type=int, default=None, help="linears in the MSE-vs-KL study (default all; 0 skips)")
     a.add_argument("--batch-size", type=_positive, default=4, help="sequences per forward pass (default 4)")
@@ -162,8 +177,15 @@ def analyze_command(args: argparse.Namespace) -> int:
     if tok is None:
         raise LowbitError(f"{args.model} has no tokenizer files; analyze needs one to read the calibration text")
     options = AnalyzeOptions(
-        samples=args.samples, seq_len=args.seq_len, seed=args.seed, batch_size=args.batch_size, top_k=args.top_k,
-        clusters=clusters, group_size=args.group_size, kl_sequences=args.kl_sequences, kl_layers=args.kl_layers,
+        samples=args.samples,
+        seq_len=args.seq_len,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        top_k=args.top_k,
+        clusters=clusters,
+        group_size=args.group_size,
+        kl_sequences=args.kl_sequences,
+        kl_layers=args.kl_layers,
         domains=domains,
     )
     result = analyze(model, tok, args.calib, options, progress=not args.quiet)

@@ -51,14 +51,19 @@ def _new(c: int) -> LinearStats:
 
 @torch.inference_mode()
 def capture_stats(
-    model: nn.Module, ids: torch.Tensor, batch_size: int = 4, keep_tokens: int = 256, threshold: float = 6.0,
-    progress: bool = True, desc: str = "observe",
+    model: nn.Module,
+    ids: torch.Tensor,
+    batch_size: int = 4,
+    keep_tokens: int = 256,
+    threshold: float = 6.0,
+    progress: bool = True,
+    desc: str = "observe",
 ) -> dict[str, LinearStats]:
     """Run ``ids`` (n, T) through ``model`` in batches and return each block linear's input stats."""
     linears = block_linears(model)
     stats = {name: _new(m.in_features) for name, m in linears.items()}
 
-    def hook_for(name: str):  # noqa: ANN202
+    def hook_for(name: str):
         def hook(_m: nn.Module, inputs: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
             x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float().cpu()
             s = stats[name]

@@ -34,7 +34,11 @@ class Variant:
         return QuantSpec(format=self.format, granularity="channel", group_size=None, symmetric=self.symmetric)
 
 
-VARIANTS = (Variant("int4-sym", "int4", True), Variant("int3-asym", "uint3", False), Variant("fp4-e2m1", "fp4_e2m1", True))
+VARIANTS = (
+    Variant("int4-sym", "int4", True),
+    Variant("int3-asym", "uint3", False),
+    Variant("fp4-e2m1", "fp4_e2m1", True),
+)
 
 
 def ranks(values: list[float]) -> list[float]:
@@ -80,7 +84,7 @@ def layer_kls(
     out: dict[str, Any] = {}
     bar = tqdm(total=len(variants) * len(linears), desc="mse vs kl", disable=not progress, unit="layer")
     for v in variants:
-        rows = []
+        rows: list[dict[str, Any]] = []
         for name, lin in linears.items():
             w = lin.weight.data
             wq = quantize_weight(w, v.spec(lin.in_features, group_size)).dequantize().to(w.dtype)

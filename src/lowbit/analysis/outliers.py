@@ -52,12 +52,14 @@ def outlier_features(
             if len(names) < layer_frac * n_blocks[site]:
                 continue
             fracs = [float(stats[n].big[c]) / stats[n].n_tokens for n in names]
-            rows.append({
-                "site": site,
-                "channel": c,
-                "layers": sorted(layer_index(n) for n in names),
-                "layer_share": len(names) / n_blocks[site],
-                "token_share": sum(fracs) / len(fracs),
-                "max_abs": max(float(stats[n].absmax[c]) for n in names),
-            })
+            rows.append(
+                {
+                    "site": site,
+                    "channel": c,
+                    "layers": sorted(layer_index(n) for n in names),
+                    "layer_share": len(names) / n_blocks[site],
+                    "token_share": sum(fracs) / len(fracs),
+                    "max_abs": max(float(stats[n].absmax[c]) for n in names),
+                }
+            )
     return rows

@@ -32,11 +32,19 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
     ks = result["settings"]["clusters"]
     rel = {}
     for k in ks:
-        vals = [r["clusters"]["by_clusters"][k] / r["clusters"]["by_clusters"][ks[0]] for r in layers
-                if r["clusters"]["by_clusters"][ks[0]] > 0]
+        vals = [
+            r["clusters"]["by_clusters"][k] / r["clusters"]["by_clusters"][ks[0]]
+            for r in layers
+            if r["clusters"]["by_clusters"][ks[0]] > 0
+        ]
         rel[str(k)] = _mean(vals)
-    rel["per_channel"] = _mean([r["clusters"]["per_channel"] / r["clusters"]["by_clusters"][ks[0]] for r in layers
-                                if r["clusters"]["by_clusters"][ks[0]] > 0])
+    rel["per_channel"] = _mean(
+        [
+            r["clusters"]["per_channel"] / r["clusters"]["by_clusters"][ks[0]]
+            for r in layers
+            if r["clusters"]["by_clusters"][ks[0]] > 0
+        ]
+    )
     subsets = [r["top_k"] for r in result["stability_subsets"]]
     large = [r["large"] for r in result["stability_subsets"] if r["large"] is not None]
     return {
@@ -75,32 +83,55 @@ def _markdown(result: dict[str, Any], summary: dict[str, Any]) -> str:
         "|---|---|---|---|---|",
     ]
     for r in result["outlier_features"]:
-        lines.append(f"| {r['site']} | {r['channel']} | {r['layer_share']:.2f} | {r['token_share']:.3f} | {r['max_abs']:.1f} |")
+        lines.append(
+            f"| {r['site']} | {r['channel']} | {r['layer_share']:.2f} | {r['token_share']:.3f} | {r['max_abs']:.1f} |"
+        )
     if not result["outlier_features"]:
         lines.append("| (none) | | | | |")
     j = summary["jaccard_subsets_top_k"]
-    lines += ["", "## Stability of top-k channels (Jaccard)", "",
-              f"- disjoint calibration halves: mean {_fmt(j['mean'])}, min {_fmt(j['min'])}"]
+    lines += [
+        "",
+        "## Stability of top-k channels (Jaccard)",
+        "",
+        f"- disjoint calibration halves: mean {_fmt(j['mean'])}, min {_fmt(j['min'])}",
+    ]
     for d in summary["jaccard_domains_top_k"]:
         lines.append(f"- domains {d['a']} vs {d['b']}: mean {_fmt(d['mean'])}")
-    lines += ["", "## INT vs FP (layers won, by tensor MSE and by layer-output MSE)", "",
-              "| what | tensor MSE | output MSE |", "|---|---|---|"]
+    lines += [
+        "",
+        "## INT vs FP (layers won, by tensor MSE and by layer-output MSE)",
+        "",
+        "| what | tensor MSE | output MSE |",
+        "|---|---|---|",
+    ]
     for cell in _CELLS:
         w = summary["format_wins"]
         lines.append(f"| {cell} | {w[cell + '/tensor_mse']} | {w[cell + '/output_mse']} |")
-    lines += ["", "## Per-cluster activation ranges (loss relative to one range per tensor, mean over layers)", "",
-              "| clusters | " + " | ".join(summary["cluster_loss_vs_one_cluster"]) + " |",
-              "|---" * (len(summary["cluster_loss_vs_one_cluster"]) + 1) + "|",
-              "| relative loss | " + " | ".join(_fmt(v) for v in summary["cluster_loss_vs_one_cluster"].values()) + " |"]
+    lines += [
+        "",
+        "## Per-cluster activation ranges (loss relative to one range per tensor, mean over layers)",
+        "",
+        "| clusters | " + " | ".join(summary["cluster_loss_vs_one_cluster"]) + " |",
+        "|---" * (len(summary["cluster_loss_vs_one_cluster"]) + 1) + "|",
+        "| relative loss | " + " | ".join(_fmt(v) for v in summary["cluster_loss_vs_one_cluster"].values()) + " |",
+    ]
     lines += ["", "## Tensor MSE against the KL of quantizing one layer alone (Spearman)", ""]
     lines += [f"- {v}: {_fmt(r)}" for v, r in summary["spearman"].items()] or ["- (not run)"]
-    lines += ["", "## Per layer", "",
-              "| layer | max abs | large ch. | top-k J | W8 | W4 | A8 | A4 |", "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Per layer",
+        "",
+        "| layer | max abs | large ch. | top-k J | W8 | W4 | A8 | A4 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     jac = {r["layer"]: r["top_k"] for r in result["stability_subsets"]}
     for r in result["layers"]:
         win = [r["formats"][c]["output_mse_winner"] for c in _CELLS]
-        lines.append(f"| {r['layer']} | {r['max_abs']:.2f} | {len(r['large_channels'])} | {jac[r['layer']]:.2f} | "
-                     + " | ".join(win) + " |")
+        lines.append(
+            f"| {r['layer']} | {r['max_abs']:.2f} | {len(r['large_channels'])} | {jac[r['layer']]:.2f} | "
+            + " | ".join(win)
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -137,7 +168,7 @@ def _plots(result: dict[str, Any], out: Path) -> None:
 
     fig, axes = plt.subplots(2, 2, figsize=(10, 6), sharex=True)
     for a, cell in zip(axes.flat, _CELLS, strict=True):
-        ints, fps = (("int8", "fp8_e4m3") if "8bit" in cell else ("int4", "fp4_e2m1"))
+        ints, fps = ("int8", "fp8_e4m3") if "8bit" in cell else ("int4", "fp4_e2m1")
         ratio = []
         for r in layers:
             c = r["formats"][cell]
@@ -164,7 +195,9 @@ def _plots(result: dict[str, Any], out: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for v, d in result["mse_vs_kl"].items():
         rows = [r for r in d["layers"] if r["mse"] > 0 and r["kl"] > 0]
-        ax.scatter([r["mse"] for r in rows], [r["kl"] for r in rows], s=10, label=f"{v} (Spearman {_fmt(d['spearman'])})")
+        ax.scatter(
+            [r["mse"] for r in rows], [r["kl"] for r in rows], s=10, label=f"{v} (Spearman {_fmt(d['spearman'])})"
+        )
     if result["mse_vs_kl"]:
         ax.set_xscale("log")
         ax.set_yscale("log")

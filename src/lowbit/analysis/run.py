@@ -64,8 +64,12 @@ def merge_stats(a: dict[str, LinearStats], b: dict[str, LinearStats]) -> dict[st
         sb = b[name]
         keep = max(sa.sample.shape[0], sb.sample.shape[0])
         out[name] = LinearStats(
-            torch.maximum(sa.absmax, sb.absmax), sa.big + sb.big, torch.minimum(sa.cmin, sb.cmin),
-            torch.maximum(sa.cmax, sb.cmax), sa.n_tokens + sb.n_tokens, torch.cat([sa.sample, sb.sample])[:keep],
+            torch.maximum(sa.absmax, sb.absmax),
+            sa.big + sb.big,
+            torch.minimum(sa.cmin, sb.cmin),
+            torch.maximum(sa.cmax, sb.cmax),
+            sa.n_tokens + sb.n_tokens,
+            torch.cat([sa.sample, sb.sample])[:keep],
         )
     return out
 
@@ -83,7 +87,9 @@ def _spread(names: list[str], n: int | None) -> list[str]:
     return [names[i * len(names) // n] for i in range(n)]
 
 
-def analyze(model: nn.Module, tokenizer: Any, calib: str, options: AnalyzeOptions, progress: bool = True) -> dict[str, Any]:
+def analyze(
+    model: nn.Module, tokenizer: Any, calib: str, options: AnalyzeOptions, progress: bool = True
+) -> dict[str, Any]:
     """Every study on ``model`` with calibration text ``calib``; a JSON-ready dict (see ``report``)."""
     o = options
     if o.samples < 2:
@@ -92,9 +98,12 @@ def analyze(model: nn.Module, tokenizer: Any, calib: str, options: AnalyzeOption
     if not linears:
         raise LowbitError("the model has no linear layers inside its decoder blocks to analyze")
     ids = disjoint_windows(tokenizer, calib, o.samples, o.seq_len, o.seed)
-    cap = {"batch_size": o.batch_size, "keep_tokens": o.keep_tokens, "threshold": o.threshold, "progress": progress}
-    half_a = capture_stats(model, ids[0::2], desc="observe (half A)", **cap)  # type: ignore[arg-type]
-    half_b = capture_stats(model, ids[1::2], desc="observe (half B)", **cap)  # type: ignore[arg-type]
+
+    def observe(rows: torch.Tensor, desc: str, keep: int = o.keep_tokens) -> dict[str, LinearStats]:
+        return capture_stats(model, rows, o.batch_size, keep, o.threshold, progress, desc)
+
+    half_a = observe(ids[0::2], "observe (half A)")
+    half_b = observe(ids[1::2], "observe (half B)")
     full = merge_stats(half_a, half_b)
     group = _group_size(linears, o.group_size)
 
@@ -102,23 +111,28 @@ def analyze(model: nn.Module, tokenizer: Any, calib: str, options: AnalyzeOption
     for name, s in tqdm(full.items(), desc="formats and clusters", disable=not progress, unit="layer"):
         large = large_channels(s)
         top = sorted(range(s.absmax.numel()), key=lambda c: -float(s.absmax[c]))[: o.top_k]
-        layers.append({
-            "layer": name,
-            "max_abs": float(s.absmax.max()),
-            "large_channels": large,
-            "top_channels": top,
-            "formats": format_errors(linears[name].weight, s.sample, group),
-            "clusters": cluster_losses(s.sample, s.cmin, s.cmax, list(o.clusters), seed=o.seed),
-        })
+        layers.append(
+            {
+                "layer": name,
+                "max_abs": float(s.absmax.max()),
+                "large_channels": large,
+                "top_channels": top,
+                "formats": format_errors(linears[name].weight, s.sample, group),
+                "clusters": cluster_losses(s.sample, s.cmin, s.cmax, list(o.clusters), seed=o.seed),
+            }
+        )
 
     domains = []
     if len(o.domains) >= 2:
-        dstats = [capture_stats(model, disjoint_windows(tokenizer, d, max(1, o.samples // 2), o.seq_len, o.seed),
-                                desc=f"observe ({d})", **{**cap, "keep_tokens": 0})  # type: ignore[arg-type]
-                  for d in o.domains]
+        dstats = [
+            observe(disjoint_windows(tokenizer, d, max(1, o.samples // 2), o.seq_len, o.seed), f"observe ({d})", 0)
+            for d in o.domains
+        ]
         for i in range(len(o.domains)):
             for j in range(i + 1, len(o.domains)):
-                domains.append({"a": o.domains[i], "b": o.domains[j], "layers": stability(dstats[i], dstats[j], o.top_k)})
+                domains.append(
+                    {"a": o.domains[i], "b": o.domains[j], "layers": stability(dstats[i], dstats[j], o.top_k)}
+                )
 
     kl: dict[str, Any] = {}
     if o.kl_layers != 0:
@@ -127,9 +141,17 @@ def analyze(model: nn.Module, tokenizer: Any, calib: str, options: AnalyzeOption
 
     return {
         "settings": {
-            "calib": calib, "samples": o.samples, "seq_len": o.seq_len, "seed": o.seed, "top_k": o.top_k,
-            "threshold": o.threshold, "group_size": group, "keep_tokens": o.keep_tokens,
-            "clusters": list(o.clusters), "kl_sequences": o.kl_sequences, "domains": list(o.domains),
+            "calib": calib,
+            "samples": o.samples,
+            "seq_len": o.seq_len,
+            "seed": o.seed,
+            "top_k": o.top_k,
+            "threshold": o.threshold,
+            "group_size": group,
+            "keep_tokens": o.keep_tokens,
+            "clusters": list(o.clusters),
+            "kl_sequences": o.kl_sequences,
+            "domains": list(o.domains),
         },
         "outlier_features": outlier_features(full),
         "layers": layers,

@@ -27,16 +27,20 @@ def top_k_channels(absmax: torch.Tensor, k: int) -> set[int]:
     return set(order[:k])
 
 
-def stability(a: dict[str, LinearStats], b: dict[str, LinearStats], k: int, token_frac: float = 0.06) -> list[dict[str, Any]]:
+def stability(
+    a: dict[str, LinearStats], b: dict[str, LinearStats], k: int, token_frac: float = 0.06
+) -> list[dict[str, Any]]:
     """Per linear (in ``a``'s order): ``top_k`` Jaccard of the top-k channel sets, ``large`` Jaccard
     of the large-channel sets (None when neither side has one)."""
     rows = []
     for name, sa in a.items():
         sb = b[name]
         la, lb = large_channels(sa, token_frac), large_channels(sb, token_frac)
-        rows.append({
-            "layer": name,
-            "top_k": jaccard(top_k_channels(sa.absmax, k), top_k_channels(sb.absmax, k)),
-            "large": jaccard(la, lb) if la or lb else None,
-        })
+        rows.append(
+            {
+                "layer": name,
+                "top_k": jaccard(top_k_channels(sa.absmax, k), top_k_channels(sb.absmax, k)),
+                "large": jaccard(la, lb) if la or lb else None,
+            }
+        )
     return rows

@@ -52,7 +52,7 @@ def continuation_logprob(logits: torch.Tensor, continuation: list[int]) -> tuple
 
 
 @register_model("lowbit")
-class LowbitLM(TemplateLM):  # type: ignore[misc]
+class LowbitLM(TemplateLM):
     """A lowbit checkpoint (or any model lowbit loads, or a model in memory) as an lm-eval model.
 
     ``lm_eval --model lowbit --model_args checkpoint=DIR[,no_verify=True,trust_remote_code=True]``.
@@ -83,7 +83,7 @@ class LowbitLM(TemplateLM):  # type: ignore[misc]
         self.tokenizer = tokenizer
         self.batch = 1 if str(batch_size).startswith("auto") else int(batch_size)
         config = getattr(model, "config", None)
-        self.max_length = int(max_length or getattr(config, "max_position_embeddings", 2048))
+        self.max_length = int(max_length or getattr(config, "max_position_embeddings", None) or 2048)
         self.progress = progress
 
     @property
@@ -215,7 +215,12 @@ def run_tasks(
         )
     lm = LowbitLM(model=model, tokenizer=tokenizer, batch_size=batch_size, progress=progress)
     res = simple_evaluate(
-        model=lm, tasks=tasks, task_manager=manager, limit=limit, log_samples=False, bootstrap_iters=0,
+        model=lm,
+        tasks=tasks,
+        task_manager=manager,
+        limit=limit,
+        log_samples=False,
+        bootstrap_iters=0,
         verbosity="ERROR",
     )
     if res is None:  # pragma: no cover - only on non-zero ranks of a distributed lm-eval run

@@ -22,7 +22,8 @@ _WORD = re.compile(r"[A-Za-z]{3,}")
 def lastword_items(texts: list[str], n: int, context_words: int = 40) -> list[dict[str, str]]:
     """Up to ``n`` passages ``{"context": ..., "target": ...}``: ``context_words`` words of running
     text, then the target, a word of 3+ letters, not all capitals (a play's speaker names are),
-    that ends a sentence (followed by ``.``, ``!`` or ``?``). Candidates are taken at evenly spaced places through the text (deterministic).
+    that ends a sentence (followed by ``.``, ``!`` or ``?``). Candidates are taken at evenly
+    spaced places through the text (deterministic).
 
     Our choice where LAMBADA's (human-filtered) selection cannot be copied: the sentence-final
     word, stripped of its punctuation, is scored after the context's last word and a space.
@@ -40,9 +41,7 @@ def lastword_items(texts: list[str], n: int, context_words: int = 40) -> list[di
     return [{"context": " ".join(tokens[i - context_words : i]), "target": tokens[i][:-1]} for i in picked]
 
 
-def write_lastword_task(
-    texts: list[str], out_dir: str | Path, name: str, n: int = 50, context_words: int = 40
-) -> Path:
+def write_lastword_task(texts: list[str], out_dir: str | Path, name: str, n: int = 50, context_words: int = 40) -> Path:
     """Write ``NAME.jsonl`` (``lastword_items``) and ``NAME.yaml`` (an lm-eval ``loglikelihood``
     task reading that file by absolute path) into ``out_dir``; returns the YAML's path."""
     if not re.fullmatch(r"[A-Za-z0-9_]+", name):
@@ -50,7 +49,9 @@ def write_lastword_task(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = out / f"{name}.jsonl"
-    data.write_text("".join(json.dumps(item) + "\n" for item in lastword_items(texts, n, context_words)), encoding="utf-8")
+    data.write_text(
+        "".join(json.dumps(item) + "\n" for item in lastword_items(texts, n, context_words)), encoding="utf-8"
+    )
     config: dict[str, Any] = {
         "task": name,
         "dataset_path": "json",

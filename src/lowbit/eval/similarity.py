@@ -198,7 +198,9 @@ def generation_similarity(
             b = _continue(quantized, ids, mode, max_new_tokens, seed + i, temperature, eos)
             same[mode].append(a.tolist() == b.tolist())
             decode = tokenizer.decode
-            texts[mode].append((decode(a[0].tolist(), skip_special_tokens=True), decode(b[0].tolist(), skip_special_tokens=True)))
+            texts[mode].append(
+                (decode(a[0].tolist(), skip_special_tokens=True), decode(b[0].tolist(), skip_special_tokens=True))
+            )
             bar.update(1)
     bar.close()
     out: dict[str, Any] = {
@@ -213,7 +215,9 @@ def generation_similarity(
     all_cos = None
     if embedding_model:  # one load of the encoder for both modes
         pairs_all = texts["greedy"] + texts["sampled"]
-        all_cos = embedding_cosines(embedding_model, [x for x, _ in pairs_all], [y for _, y in pairs_all], allow_download)
+        all_cos = embedding_cosines(
+            embedding_model, [x for x, _ in pairs_all], [y for _, y in pairs_all], allow_download
+        )
     for k, (mode, pairs) in enumerate(texts.items()):
         rouge = [rouge_l(words(x), words(y))["f1"] for x, y in pairs]
         cos = None if all_cos is None else all_cos[k * len(prompts) : (k + 1) * len(prompts)]
@@ -222,7 +226,8 @@ def generation_similarity(
             "exact_match": sum(same[mode]) / len(same[mode]),
             "embedding_cosine": None if cos is None else sum(cos) / len(cos),
         }
-        for s, (x, y), r, c in zip(samples, pairs, rouge, cos or [None] * len(pairs), strict=True):
+        shown: list[float | None] = list(cos) if cos is not None else [None] * len(pairs)
+        for s, (x, y), r, c in zip(samples, pairs, rouge, shown, strict=True):
             s[mode] = {"original": x, "quantized": y, "rouge_l": r, "embedding_cosine": c}
     out["samples"] = samples
     return out
