@@ -139,7 +139,7 @@ def _plots(result: dict[str, Any], out: Path) -> None:
     try:
         import matplotlib
     except ImportError:
-        raise LowbitError("lowbit analyze draws plots with matplotlib: pip install 'lowbit[tasks]'") from None
+        raise LowbitError("lowbit analyze draws plots with matplotlib: pip install 'lowbit[analyze]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
