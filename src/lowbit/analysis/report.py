@@ -152,6 +152,7 @@ def _plots(result: dict[str, Any], out: Path) -> None:
     ax[1].set_ylabel("max |x|")
     ax[1].set_xlabel("linear layer (block order)")
     fig.suptitle("outlier features per layer")
+    fig.tight_layout()
     fig.savefig(out / "outliers.png", dpi=90)
     plt.close(fig)
 
@@ -163,6 +164,7 @@ def _plots(result: dict[str, Any], out: Path) -> None:
     ax.set_ylabel(f"Jaccard of top-{result['settings']['top_k']} channels")
     ax.set_xlabel("linear layer")
     ax.legend()
+    fig.tight_layout()
     fig.savefig(out / "stability.png", dpi=90)
     plt.close(fig)
 
@@ -189,6 +191,7 @@ def _plots(result: dict[str, Any], out: Path) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("clusters of channels (K-means on per-channel min, max)")
     ax.set_ylabel("activation MSE / per-tensor MSE")
+    fig.tight_layout()
     fig.savefig(out / "clusters.png", dpi=90)
     plt.close(fig)
 
@@ -204,6 +207,7 @@ def _plots(result: dict[str, Any], out: Path) -> None:
         ax.legend(fontsize=8)
     ax.set_xlabel("weight MSE")
     ax.set_ylabel("KL when quantized alone (nats/token)")
+    fig.tight_layout()
     fig.savefig(out / "mse_vs_kl.png", dpi=90)
     plt.close(fig)
 
