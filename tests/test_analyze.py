@@ -104,6 +104,8 @@ def test_mse_vs_kl_restores_weights_and_hooks_are_removed() -> None:
     for d in res.values():
         assert all(r["kl"] > 0 and r["mse"] > 0 for r in d["layers"])
         assert d["spearman"] == spearman([r["mse"] for r in d["layers"]], [r["kl"] for r in d["layers"]])
+        for r, name in zip(d["layers"], linears, strict=True):
+            assert r["rel_mse"] == pytest.approx(r["mse"] / float((before[name + ".weight"].double() ** 2).mean()))
     capture_stats(model, ids, progress=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not any(m._forward_hooks for m in model.modules())

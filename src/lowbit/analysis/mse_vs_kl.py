@@ -77,7 +77,8 @@ def layer_kls(
     group_size: int = 128,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Per variant: per layer ``{"layer", "mse", "kl"}`` and the ``spearman`` of MSE against KL.
+    """Per variant: per layer ``{"layer", "mse", "rel_mse", "kl"}``, the ``spearman`` of MSE against
+    KL and ``spearman_relative`` of the relative MSE (MSE / mean squared weight) against KL.
     Each layer's float weight is put back in ``finally``, whatever happens."""
     model.eval()
     base = model(input_ids=ids, use_cache=False).logits.float()
@@ -94,8 +95,14 @@ def layer_kls(
                 kl = float(kl_per_token(base, model(input_ids=ids, use_cache=False).logits).mean())
             finally:
                 lin.weight.data = w
-            rows.append({"layer": name, "mse": mse, "kl": kl})
+            rel = mse / max(float((w.double() ** 2).mean()), 1e-30)  # scale-free: MSE / mean square weight
+            rows.append({"layer": name, "mse": mse, "rel_mse": rel, "kl": kl})
             bar.update(1)
-        out[v.name] = {"layers": rows, "spearman": spearman([r["mse"] for r in rows], [r["kl"] for r in rows])}
+        kls = [r["kl"] for r in rows]
+        out[v.name] = {
+            "layers": rows,
+            "spearman": spearman([r["mse"] for r in rows], kls),
+            "spearman_relative": spearman([r["rel_mse"] for r in rows], kls),
+        }
     bar.close()
     return out

@@ -60,6 +60,7 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
         "format_wins": wins,
         "cluster_loss_vs_one_cluster": rel,
         "spearman": {v: d["spearman"] for v, d in result["mse_vs_kl"].items()},
+        "spearman_relative": {v: d.get("spearman_relative") for v, d in result["mse_vs_kl"].items()},
     }
 
 
@@ -116,7 +117,9 @@ def _markdown(result: dict[str, Any], summary: dict[str, Any]) -> str:
         "| relative loss | " + " | ".join(_fmt(v) for v in summary["cluster_loss_vs_one_cluster"].values()) + " |",
     ]
     lines += ["", "## Tensor MSE against the KL of quantizing one layer alone (Spearman)", ""]
-    lines += [f"- {v}: {_fmt(r)}" for v, r in summary["spearman"].items()] or ["- (not run)"]
+    rel = summary["spearman_relative"]
+    lines += [f"- {v}: {_fmt(r)} (relative MSE: {_fmt(rel[v])})" for v, r in summary["spearman"].items()]
+    lines += [] if summary["spearman"] else ["- (not run)"]
     lines += [
         "",
         "## Per layer",
