@@ -168,5 +168,8 @@ def test_cli_writes_every_file(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert "Outlier features" in capsys.readouterr().out
     assert main([*argv[:-1], "--domains", a]) == 2
     assert "at least two" in capsys.readouterr().err
+    (model_dir / "lowbit.json").write_text("{}")  # looks like a lowbit checkpoint now
+    assert main(argv) == 2
+    assert "float model" in capsys.readouterr().err
     with pytest.raises(LowbitError, match="at least 2"):
         analyze(tiny_llama(), byte_tokenizer(), calib, AnalyzeOptions(samples=1), progress=False)

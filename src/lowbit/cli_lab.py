@@ -127,7 +127,7 @@ def add_analyze_parser(sub: Any) -> None:
         "against the KL it causes when quantized alone, with the Spearman rank correlation. Writes "
         "analysis.json, analysis.md and PNG plots into --out. No weight is changed.",
     )
-    a.add_argument("model", help="Hub id, local HF directory, .gguf file, lowbit checkpoint or 'demo'")
+    a.add_argument("model", help="the float model: Hub id, local HF directory, .gguf file or 'demo'")
     a.add_argument("--calib", default="demo", help="calibration text (same forms as quantize --calib)")
     a.add_argument("--out", required=True, help="output directory (created; files in it are replaced)")
     a.add_argument("--domains", default=None, help="comma-separated text sources compared with each other (2 or more)")
@@ -173,7 +173,11 @@ def analyze_command(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise LowbitError(f"--out {out} is a file; give a directory")
-    model, tok = api.load_any(args.model, trust_remote_code=args.trust_remote_code)
+    if api.is_quantized_dir(args.model):
+        raise LowbitError(
+            f"{args.model} is a lowbit checkpoint; analyze studies the float model: give the original model"
+        )
+    model, tok = api.load_model(args.model, trust_remote_code=args.trust_remote_code)
     if tok is None:
         raise LowbitError(f"{args.model} has no tokenizer files; analyze needs one to read the calibration text")
     options = AnalyzeOptions(
