@@ -44,6 +44,9 @@ class BlockContext:
     qweights: dict[str, QuantizedWeight] = field(default_factory=dict)
     stats: dict[str, dict[str, float]] = field(default_factory=dict)
     passes: int = 0  # passes over the calibration inputs made so far (whole or stopped early)
+    # per-cluster activation quantization (RPTQ): target name -> its input channels' cluster (in,)
+    # int64, chosen by a transform; the swap stage hands them to the target's ActQuantizer
+    act_clusters: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def forward(self, hooks: Mapping[nn.Module, Callable[..., Any]] | None = None) -> list[torch.Tensor]:
         """Run the block over every calibration batch; returns the output hidden states per batch."""
