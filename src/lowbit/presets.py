@@ -144,6 +144,18 @@ PRESETS: dict[str, Preset] = {
         Scheme(weights=_W8_CH_MSE, input_activations=_A8_CLUSTER),
         _RPTQ_GPTQ,
     ),
+    "w4a16-mofq": Preset(
+        "MoFQ: per layer INT4 or FP4 (E2M1) weights, groups of 128, whichever gives the lower layer output error "
+        "on calibration data (RTN)",
+        Scheme(weights=_g("int4", 128, True)),
+        (Step("mofq", {"metric": "layer"}),),
+    ),
+    "w8a8-mofq": Preset(
+        "MoFQ: per layer INT8 or FP8 (E4M3) for weights (per channel) and activations (dynamic per token) together, "
+        "whichever gives the lower layer output error on calibration data (RTN)",
+        Scheme(weights=_W8_CH_MSE, input_activations=_A8_TOKEN),
+        (Step("mofq", {"metric": "layer"}),),
+    ),
 }
 
 DEFAULT_PRESET = "w4a16"

@@ -108,6 +108,11 @@ class Algorithm(ABC):
         """Whether this step, as configured, may run on data-parallel workers (``data_parallel``)."""
         return self.data_parallel
 
+    def see_model(self, model: nn.Module, recipe: Recipe) -> None:
+        """Told the model (possibly a meta-device skeleton: names and shapes) and the recipe before
+        ``model_candidates``, for searches whose candidates are per layer (MoFQ). Nothing by default."""
+        return None
+
     def model_candidates(self, recipe: Recipe) -> list[tuple[Any, Recipe]]:
         """A search whose loss is the model's output (SmoothQuant+'s alpha): (candidate, the recipe
         that realises it) pairs. The runner runs each candidate recipe in place on the first
