@@ -223,3 +223,34 @@ class MoFQ(Algorithm):
         with kv_paused(getattr(ctx.block.get_submodule(ctx.arch.attention), "lowbit_kv", None)):
             ctx.feed_inputs({ctx.targets[n]: stats[n] for n in names})
         return {n: s.rows for n, s in stats.items() if s.rows is not None}
+
+
+def ranks(values: list[float]) -> list[float]:
+    """1-based ranks of ``values``, ties given the mean of the ranks they span."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    out = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for t in range(i, j + 1):
+            out[order[t]] = (i + j) / 2 + 1
+        i = j + 1
+    return out
+
+
+def rank_correlation(a: list[float], b: list[float]) -> float:
+    """Spearman's rank correlation of two equally long lists: Pearson's correlation of their ranks
+    (ties averaged); NaN when either has fewer than two distinct values."""
+    if len(a) != len(b):
+        raise LowbitError(f"rank_correlation needs lists of one length, got {len(a)} and {len(b)}")
+    ra, rb = ranks(a), ranks(b)
+    n = len(a)
+    if n < 2:
+        return float("nan")
+    ma, mb = sum(ra) / n, sum(rb) / n
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb, strict=True))
+    va = sum((x - ma) ** 2 for x in ra)
+    vb = sum((y - mb) ** 2 for y in rb)
+    return cov / (va * vb) ** 0.5 if va > 0 and vb > 0 else float("nan")
