@@ -52,7 +52,7 @@ def _setup(quick: bool) -> dict[str, Any]:
     model, tok = api.load_model("demo")
     n, t = (4, 128) if quick else (32, 512)
     calib = api.calibration_samples(tok, "demo", n_samples=n, seq_len=t, seed=0)
-    windows = api.eval_windows(tok, "demo", seq_len=256 if quick else 512, n_windows=4 if quick else 16)
+    windows = api.eval_windows(tok, "demo", seq_len=256 if quick else 512, n_windows=2 if quick else 16)
     return {"model": model, "calib": calib, "windows": windows, "quick": quick}
 
 
@@ -89,7 +89,8 @@ def _weights_steps(recipe: Recipe, quick: bool) -> tuple[Step, ...]:
 
 def rptq_rows(setup: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
-    for preset, weights in (("w4a8-rptq", W4_G64), ("w8a8-rptq", None)):
+    presets = (("w4a8-rptq", W4_G64),) if setup["quick"] else (("w4a8-rptq", W4_G64), ("w8a8-rptq", None))
+    for preset, weights in presets:
         base = get_preset(preset)
         w = weights or base.scheme.weights
         quantizer = _weights_steps(base, setup["quick"])
@@ -114,6 +115,13 @@ def _linear_inputs(model: nn.Module) -> list[nn.Linear]:
     return [m for n, m in model.named_modules() if isinstance(m, nn.Linear) and "lm_head" not in n]
 
 
+def _observe(observer: ChannelRangeObserver) -> Any:
+    def hook(_m: nn.Module, inp: tuple[torch.Tensor, ...]) -> None:
+        observer.update(inp[0])
+
+    return hook
+
+
 @torch.no_grad()
 def reconstruction(setup: dict[str, Any], counts: tuple[int, ...]) -> dict[str, float]:
     """``sum ||Q(X) - X||² / sum ||X||²`` over every linear input of the float model on the
@@ -121,7 +129,7 @@ def reconstruction(setup: dict[str, Any], counts: tuple[int, ...]) -> dict[str, 
     model, calib = setup["model"], setup["calib"][:8]
     linears = _linear_inputs(model)
     observers = {lin: ChannelRangeObserver() for lin in linears}
-    with forward_pre_hooks({lin: (lambda o: lambda _m, inp: o.update(inp[0]))(o) for lin, o in observers.items()}):
+    with forward_pre_hooks({lin: _observe(obs) for lin, obs in observers.items()}):
         model(input_ids=calib)
     quantizers: dict[nn.Linear, dict[str, ActQuantizer]] = {}
     for lin, obs in observers.items():
@@ -155,12 +163,12 @@ def reconstruction(setup: dict[str, Any], counts: tuple[int, ...]) -> dict[str, 
 
 
 def recon_rows(setup: dict[str, Any]) -> list[dict[str, Any]]:
-    counts = CLUSTER_COUNTS
+    counts = CLUSTER_COUNTS[:2] if setup["quick"] else CLUSTER_COUNTS
     recon = reconstruction(setup, counts)
     out = []
     for k in counts:
         spec = QuantSpec("uint8", "cluster", None, symmetric=False, clusters=k)
-        numbers, _, seconds = _run(setup, Recipe(Scheme(input_activations=spec), (Step("rptq"),), f"w16a8-rptq-k{k}"))
+        numbers, _, _ = _run(setup, Recipe(Scheme(input_activations=spec), (Step("rptq"),), f"w16a8-rptq-k{k}"))
         ratio = recon[f"k={k}"] / recon["channel"]
         extra = f"act recon {recon[f'k={k}']:.3e} = {ratio:.2f}x per-channel ({recon['channel']:.3e})"
         out.append(_row("RPTQ", f"W16A8 {k} clusters", None, numbers, extra))

@@ -86,7 +86,10 @@ def test_kmeans_equals_plain_loop_on_exact_points(seed: int, k: int) -> None:
 
 def test_kmeans_on_float_points_matches_loop_and_separates_blobs() -> None:
     g = torch.Generator().manual_seed(3)
-    blobs = [torch.randn(30, 2, generator=g, dtype=torch.float64) * 0.1 + torch.tensor(c, dtype=torch.float64) for c in ((-5, 1), (0, 0), (4, 6))]
+    blobs = [
+        torch.randn(30, 2, generator=g, dtype=torch.float64) * 0.1 + torch.tensor(c, dtype=torch.float64)
+        for c in ((-5, 1), (0, 0), (4, 6))
+    ]
     pts = torch.cat(blobs)
     labels, _ = kmeans(pts, 3, seed=2)
     assert labels.tolist() == _reference_kmeans(pts.tolist(), 3, 2, 100)[0]
@@ -197,7 +200,9 @@ def test_reordered_float_model_gives_the_same_outputs(build: Any) -> None:
                 p.add_(torch.randn_like(p) * 0.3)
     model = _rptq_float(copy.deepcopy(ref), token_ids(4, 32))
     layer = model.model.layers[0]
-    assert isinstance(layer.input_layernorm, ReorderedNorm) and isinstance(layer.post_attention_layernorm, ReorderedNorm)
+    assert isinstance(layer.input_layernorm, ReorderedNorm) and isinstance(
+        layer.post_attention_layernorm, ReorderedNorm
+    )
     perm = layer.input_layernorm.output_perm
     assert not torch.equal(perm, torch.arange(perm.numel()))  # something moved
     ids = token_ids(2, 24, seed=9)
@@ -280,7 +285,7 @@ def test_checkpoint_saves_and_loads_the_same_model(rptq_checkpoint: tuple[nn.Mod
 @pytest.mark.parametrize("fmt", list(EXPORTERS))
 def test_every_exporter_refuses_per_cluster_activations(fmt: str, rptq_checkpoint: Any, tmp_path: Path) -> None:
     model, _ = rptq_checkpoint
-    with pytest.raises(LowbitError, match="cluster|static scale of shape") as err:
+    with pytest.raises(LowbitError, match=r"cluster|static scale of shape") as err:
         export_model(model, byte_tokenizer(), fmt, tmp_path / fmt)
     assert str(err.value).startswith(f"cannot export to {fmt}")
     assert not (tmp_path / fmt).exists()

@@ -76,8 +76,7 @@ def head_perms(labels: torch.Tensor, heads: int, kv_heads: int, head_dim: int) -
     """
     if heads % kv_heads or labels.shape != (heads * head_dim,):
         raise LowbitError(
-            f"cannot reorder v -> o: {heads} heads, {kv_heads} KV heads, head_dim {head_dim}, "
-            f"{labels.numel()} channels"
+            f"cannot reorder v -> o: {heads} heads, {kv_heads} KV heads, head_dim {head_dim}, {labels.numel()} channels"
         )
     group = heads // kv_heads
     per_head = labels.detach().cpu().reshape(heads, head_dim)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -80,7 +81,9 @@ class RPTQ(Algorithm):
             cols = cluster_order(labels)
             reorder_norm_output(ctx.block, site.prev, consumers, cols)
         elif site.prev.startswith(f"{ctx.arch.attention}."):  # v_proj -> o_proj: within heads
-            config = ctx.block.get_submodule(ctx.arch.attention).config
+            config: Any = getattr(ctx.block.get_submodule(ctx.arch.attention), "config", None)
+            if config is None:
+                raise LowbitError(f"{ctx.arch.attention} has no .config to read head counts from")
             heads = int(config.num_attention_heads)
             kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
             head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
@@ -133,4 +136,3 @@ def _partners(ctx: BlockContext, prev: str) -> list[nn.Linear]:
                 and m.out_features == prev_module.out_features
             ]
     return []
-
