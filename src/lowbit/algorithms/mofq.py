@@ -136,8 +136,6 @@ class MoFQ(Algorithm):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        # the model metric decides before the blocks run; applying it reads only the weights
-        object.__setattr__(self, "needs", frozenset() if self.metric == "model" else frozenset({"inputs"}))
 
     # --- the model metric: one candidate recipe per (layer, family) -------------------------------
 
