@@ -220,24 +220,21 @@ WRITES_FP4 = ("gguf", "onnx")  # GGUF re-quantizes float grids (with a note); ON
 
 
 @pytest.mark.slow
-def test_demo_mofq_w4_layer_metric() -> None:
-    """W4 in groups of 64 (not the demo's native grid), RTN: MoFQ by layer output error against
-    all-INT4 and all-FP4."""
-    model, tok = api.load_model("demo")
-    calib = api.calibration_samples(tok, "demo", n_samples=4, seq_len=128, seed=0)
-    windows = api.eval_windows(tok, "demo", seq_len=256, n_windows=4)
-    w = QuantSpec("int4", "group", 64, symmetric=True)
-    recipes = {
-        "int": Recipe(Scheme(weights=w), (Step("rtn"),)),
-        "fp": Recipe(Scheme(weights=format_pair(w)["fp"]), (Step("rtn"),)),
-        "mofq": Recipe(Scheme(weights=w), (Step("mofq", {"metric": "layer", "rows": 512}),)),
-    }
-    kl = {}
-    for name, recipe in recipes.items():
-        q = copy.deepcopy(model)
-        api.quantize(q, recipe, calib, progress=False)
-        kl[name] = api.evaluate(q, windows, baseline=model, progress=False).kl
-    assert kl["mofq"] < max(kl["int"], kl["fp"]), kl
+def test_demo_weights_int8_wins_at_8_bits_and_no_format_wins_at_4() -> None:
+    """The paper's weight findings with the tensor metric on every linear of the demo model (data-free):
+    INT8 per channel beats FP8 E4M3 in (nearly) every layer; at 4 bits (groups of 64, symmetric, not
+    the demo's own grid) neither INT4 nor FP4 E2M1 wins every layer."""
+    model, _ = api.load_model("demo")
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and "lm_head" not in n]
+    fp_wins = {}
+    for spec in (W8, QuantSpec("int4", "group", 64, symmetric=True)):
+        pair = format_pair(spec)
+        fp_wins[spec.bits] = sum(
+            tensor_error(m.weight, pair["fp"], None, None) < tensor_error(m.weight, pair["int"], None, None)
+            for _, m in linears
+        )
+    assert fp_wins[8] <= len(linears) // 20, fp_wins
+    assert 0 < fp_wins[4] < len(linears), fp_wins
 
 
 def test_a_streamed_job_with_the_model_metric_writes_the_in_memory_checkpoint(tmp_path: Path) -> None:

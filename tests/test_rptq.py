@@ -299,19 +299,19 @@ def test_every_exporter_refuses_per_cluster_activations(fmt: str, rptq_checkpoin
 
 @pytest.mark.slow
 def test_demo_rptq_beats_static_per_tensor_activations() -> None:
-    """W8A8 (int8 per-channel RTN weights): 8 clusters per activation against one static range per tensor."""
+    """Activation-only W16A8 on the demo (float weights, so only the activation ranges differ):
+    8 clusters per activation, reordered, against one static range per tensor."""
     model, tok = api.load_model("demo")
-    calib = api.calibration_samples(tok, "demo", n_samples=4, seq_len=128, seed=0)
-    windows = api.eval_windows(tok, "demo", seq_len=256, n_windows=4)
+    calib = api.calibration_samples(tok, "demo", n_samples=2, seq_len=128, seed=0)
+    windows = api.eval_windows(tok, "demo", seq_len=256, n_windows=2)
     kl = {}
     acts = {"rptq": dataclasses.replace(A8_C, clusters=8), "tensor": A8_T}
-    steps = {"rptq": (Step("rptq"), Step("rtn")), "tensor": (Step("rtn"),)}
+    steps = {"rptq": (Step("rptq"),), "tensor": ()}
     for name in ("rptq", "tensor"):
         q = copy.deepcopy(model)
-        api.quantize(q, Recipe(Scheme(weights=W8, input_activations=acts[name]), steps[name], name), calib,
-                     progress=False)  # fmt: skip
+        api.quantize(q, Recipe(Scheme(input_activations=acts[name]), steps[name], name), calib, progress=False)
         kl[name] = api.evaluate(q, windows, baseline=model, progress=False).kl
-    assert kl["rptq"] < 0.5 * kl["tensor"], kl
+    assert kl["rptq"] < 0.7 * kl["tensor"], kl
 
 
 def test_a_streamed_job_writes_the_in_memory_checkpoint(tmp_path: Path) -> None:

@@ -87,7 +87,8 @@ def relative_error(q: torch.Tensor, x: torch.Tensor) -> float:
 def tensor_error(w: torch.Tensor, wspec: QuantSpec, x: torch.Tensor | None, aspec: QuantSpec | None) -> float:
     """The ``tensor`` metric: the weight's relative quantization error, plus the activation rows'
     ``x`` (n, in) when ``aspec`` is given (static specs take their range from ``x`` itself)."""
-    err = relative_error(quantize_weight(w, wspec).dequantize().to(w.device), w.float())
+    w = w.detach().float()
+    err = relative_error(quantize_weight(w, wspec).dequantize().to(w.device), w)
     if aspec is not None and x is not None:
         err += relative_error(fake_act(x, aspec), x)
     return err
