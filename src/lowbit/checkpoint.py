@@ -46,6 +46,7 @@ from lowbit.outdir import check_free
 from lowbit.packing import pack_bits, packed_nbytes, unpack_bits
 from lowbit.primitives import group_index, symmetric_zero_point
 from lowbit.qweight import QuantizedWeight
+from lowbit.reorder import ReorderedNorm, check_perm
 from lowbit.scheme import QuantSpec, spec_from_dict, to_dict
 from lowbit.sink import FORMAT_VERSION, INDEX_FILE, META_FILE, OUTER_FILE, V1_WEIGHTS_FILE, CheckpointSink, block_file
 from lowbit.verify import check_config_file, check_listed, check_model, hashes_checked, verify_hashes
@@ -186,6 +187,8 @@ def _module_tensors(
             if module.act is not None and module.act.scale is not None and module.act.zero_point is not None:
                 tensors[f"{name}.input_scale"] = module.act.scale
                 tensors[f"{name}.input_zero_point"] = module.act.zero_point
+            if module.act is not None and module.act.cluster_idx is not None:  # RPTQ's channel clusters
+                tensors[f"{name}.input_cluster_idx"] = module.act.cluster_idx
             layers[name] = entry
         kvq = getattr(module, "lowbit_kv", None)
         if isinstance(kvq, KVQuantizer):
@@ -308,6 +311,8 @@ def load_quantized(
             act = ActQuantizer(aspec) if aspec else None
             if act is not None and f"{name}.input_scale" in tensors:
                 act.set_qparams(tensors.pop(f"{name}.input_scale"), tensors.pop(f"{name}.input_zero_point"))
+            if act is not None and aspec is not None and aspec.granularity == "cluster":
+                act.cluster_idx = _cluster_idx(name, entry["shape"][1], aspec, act, tensors)
             fw = tensors.pop(f"{name}.weight", None)
             bias = tensors.pop(f"{name}.bias", None)
             dtype = fw.dtype if fw is not None else _dtype(entry.get("dtype", "float32"), f"{p}: {name}")
@@ -321,6 +326,7 @@ def load_quantized(
     except KeyError as e:
         raise LowbitError(f"{p} is missing tensor {e}; the checkpoint is incomplete, quantize again") from None
     _add_missing_biases(model, tensors)
+    _add_reordered_norms(model, tensors)
     _, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
     model.tie_weights()
     still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
@@ -376,6 +382,40 @@ def _add_missing_biases(model: nn.Module, tensors: dict[str, torch.Tensor]) -> N
             continue  # load_state_dict reports it as unexpected
         if isinstance(module, nn.Linear) and module.bias is None:
             module.bias = nn.Parameter(torch.empty(module.out_features, device="meta"))
+
+
+def _cluster_idx(name: str, width: int, spec: QuantSpec, act: ActQuantizer, t: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The channel clusters of a per-cluster activation quantizer (RPTQ), checked against its spec."""
+    idx = t.pop(f"{name}.input_cluster_idx")
+    k = spec.clusters or 0
+    scale = act.scale
+    if (
+        idx.dtype != torch.int64
+        or tuple(idx.shape) != (width,)
+        or (width and (int(idx.min()) < 0 or int(idx.max()) >= k))
+        or scale is None
+        or tuple(scale.shape) != (k,)
+    ):
+        raise LowbitError(
+            f"{name}: input_cluster_idx / input_scale do not fit {width} channels in {k} clusters; the checkpoint "
+            f"does not match its {META_FILE}"
+        )
+    return idx
+
+
+def _add_reordered_norms(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Wrap each norm saved with ``NAME.output_perm`` (RPTQ's reordered norm output) in a
+    ``ReorderedNorm``, so ``load_state_dict`` puts its weight under ``NAME.norm``."""
+    for key in [k for k in tensors if k.endswith(".output_perm")]:
+        name = key.removesuffix(".output_perm")
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            continue  # load_state_dict reports it as unexpected
+        if not isinstance(module, ReorderedNorm):
+            width = getattr(module, "weight", None)
+            n = int(width.numel()) if isinstance(width, torch.Tensor) else -1
+            model.set_submodule(name, ReorderedNorm(module, check_perm(tensors[key], n, key)))
 
 
 def _dtype(name: Any, where: str) -> torch.dtype:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit.clusters import channel_clusters, cluster_ranges
 from lowbit.primitives import fake_quantize, per_token_fake_quantize, qparams
 from lowbit.qweight import QuantizedWeight
 from lowbit.scheme import QuantSpec
@@ -31,24 +32,36 @@ class ActQuantizer(nn.Module):
     outlier columns, as bitsandbytes computes it. How many dimensions were kept in float, and
     which, is counted per call (:meth:`outlier_summary`, :meth:`outlier_positions`) in buffers
     that are not part of the state dict: statistics of a run, not parameters of the model.
+
+    Granularity ``cluster`` (RPTQ): ``cluster_idx`` (H,) int64 gives each input channel's cluster;
+    ``scale`` / ``zero_point`` are (k,), one per cluster. ``set_range`` takes per-channel (H,)
+    ranges; the clusters are the ones given (a reorder step chose them) or, if none were, K-means
+    on the channels' (min, max) with seed 0.
     """
 
     scale: torch.Tensor | None
     zero_point: torch.Tensor | None
+    cluster_idx: torch.Tensor | None
     outlier_hits: torch.Tensor | None  # (H,) int64: calls in which each input dimension was an outlier
     outlier_max_dims: torch.Tensor | None  # () int64: most outlier dimensions in one call
 
-    def __init__(self, spec: QuantSpec) -> None:
+    def __init__(self, spec: QuantSpec, clusters: torch.Tensor | None = None) -> None:
         super().__init__()
         self.spec = spec
         self.register_buffer("scale", None)
         self.register_buffer("zero_point", None)
+        self.register_buffer("cluster_idx", None if clusters is None else clusters.to(torch.int64))
         self.register_buffer("outlier_hits", None, persistent=False)
         self.register_buffer("outlier_max_dims", None, persistent=False)
         self.outlier_calls = 0
 
     def set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
         s = self.spec
+        if s.granularity == "cluster":
+            assert s.clusters is not None  # QuantSpec checked it
+            if self.cluster_idx is None:
+                self.cluster_idx = channel_clusters(lo, hi, s.clusters).to(lo.device)
+            lo, hi = cluster_ranges(lo, hi, self.cluster_idx, s.clusters)
         self.scale, self.zero_point = qparams(lo, hi, s.fmt, s.symmetric, s.scale_dtype)
 
     def set_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
@@ -68,7 +81,10 @@ class ActQuantizer(nn.Module):
         else:
             if self.scale is None or self.zero_point is None:
                 raise RuntimeError("static activation quantizer used before calibration set its range")
-            y = fake_quantize(x, self.scale, self.zero_point, s.fmt)
+            if self.cluster_idx is not None:  # per cluster: each channel takes its cluster's parameters
+                y = fake_quantize(x, self.scale[self.cluster_idx], self.zero_point[self.cluster_idx], s.fmt)
+            else:
+                y = fake_quantize(x, self.scale, self.zero_point, s.fmt)
         return y.to(x.dtype)
 
     def _mixed_precision(self, x: torch.Tensor, threshold: float) -> torch.Tensor:

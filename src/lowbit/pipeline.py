@@ -335,6 +335,7 @@ def model_search(
 ) -> None:
     """Run ``algorithm``'s model-level search if it has one (``Algorithm.model_candidates``) on
     the first ``algorithm.search_samples`` sequences of ``calib``, and tell it the results."""
+    algorithm.see_model(source if isinstance(source, nn.Module) else source.model, recipe)
     candidates = algorithm.model_candidates(recipe)
     if candidates:
         src = InMemorySource(source) if isinstance(source, nn.Module) else source

@@ -40,6 +40,10 @@ _FP8_CH = QuantSpec("fp8_e4m3", "channel", None)
 _FP8_TOKEN = QuantSpec("fp8_e4m3", "token", None, dynamic=True)
 _KV8 = QuantSpec("int8", "token", None, symmetric=True, dynamic=True)
 
+# RPTQ (Yuan et al. 2023): asymmetric static activations, one scale and zero point per cluster
+_A8_CLUSTER = QuantSpec("uint8", "cluster", None, symmetric=False, clusters=32)
+_RPTQ_GPTQ = (Step("rptq"), *_GPTQ)
+
 
 def _g(fmt: str, group: int, symmetric: bool, scale_dtype: str = "float16", observer: str = _MSE) -> QuantSpec:
     """Group-wise weights; fp16 scales, as the GPTQ/AWQ/compressed-tensors files that runtimes load store them."""
@@ -127,6 +131,30 @@ PRESETS: dict[str, Preset] = {
             weights=QuantSpec("int8", "channel", None, symmetric=True),
             input_activations=QuantSpec("int8", "token", None, symmetric=True, dynamic=True, outlier_threshold=6.0),
         ),
+    ),
+    "w4a8-rptq": Preset(
+        "RPTQ: 4-bit weights, groups of 128 (GPTQ) + uint8 activations, static, one range per cluster of channels "
+        "(32 K-means clusters on the channels' min/max, reordered so each cluster is contiguous)",
+        Scheme(weights=_g("int4", 128, True), input_activations=_A8_CLUSTER),
+        _RPTQ_GPTQ,
+    ),
+    "w8a8-rptq": Preset(
+        "RPTQ: int8 weights per channel (GPTQ) + uint8 activations, static, one range per cluster of channels "
+        "(32 K-means clusters, reordered)",
+        Scheme(weights=_W8_CH_MSE, input_activations=_A8_CLUSTER),
+        _RPTQ_GPTQ,
+    ),
+    "w4a16-mofq": Preset(
+        "MoFQ: per layer INT4 or FP4 (E2M1) weights, groups of 128, whichever gives the lower layer output error "
+        "on calibration data (RTN)",
+        Scheme(weights=_g("int4", 128, True)),
+        (Step("mofq", {"metric": "layer"}),),
+    ),
+    "w8a8-mofq": Preset(
+        "MoFQ: per layer INT8 or FP8 (E4M3) for weights (per channel) and activations (dynamic per token) together, "
+        "whichever gives the lower layer output error on calibration data (RTN)",
+        Scheme(weights=_W8_CH_MSE, input_activations=_A8_TOKEN),
+        (Step("mofq", {"metric": "layer"}),),
     ),
 }
 

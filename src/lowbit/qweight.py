@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lowbit.clusters import ChannelRangeObserver
 from lowbit.errors import LowbitError
 from lowbit.observers import Observer, make_observer, row_range
 from lowbit.primitives import SCALE_DTYPES, RangeFakeQuant, group_index, qparams, quantize
@@ -78,6 +79,8 @@ def spec_fake_quant(spec: QuantSpec) -> RangeFakeQuant:
 
 def spec_observer(spec: QuantSpec) -> Observer:
     """A stateful activation observer as ``spec`` names it (the MSE one gets the spec's fake-quant)."""
+    if spec.granularity == "cluster":  # RPTQ: per-channel ranges, clustered by the quantizer
+        return ChannelRangeObserver()
     args = dict(spec.observer_args)
     if spec.observer == "mse":
         args["fake_quant"] = spec_fake_quant(spec)

@@ -38,7 +38,7 @@ def show(value: Any) -> str:
     return repr(value)
 
 
-GRANULARITIES = ("tensor", "channel", "group", "token", "head")
+GRANULARITIES = ("tensor", "channel", "group", "token", "head", "cluster")
 OBSERVER_NAMES = ("minmax", "moving_average", "percentile", "entropy", "mse")
 
 
@@ -57,6 +57,11 @@ class QuantSpec:
     quantization and stay in float; the per-token scales are computed over the other dimensions.
     It is left out of the plain-data form while unset, so files that do not use it stay readable
     by lowbit versions that predate it.
+
+    ``cluster`` (RPTQ, static input activations only): the input channels are grouped into
+    ``clusters`` clusters by K-means on their calibration (min, max), and each cluster has one
+    scale and zero point (``lowbit.clusters``). ``clusters`` is omitted from the plain data while
+    unset, like ``outlier_threshold``.
     """
 
     format: str = "int4"
@@ -68,6 +73,7 @@ class QuantSpec:
     observer_args: Mapping[str, Any] = field(default_factory=dict)
     scale_dtype: str = "float32"
     outlier_threshold: float | None = field(default=None, metadata={"omit_if_default": True})
+    clusters: int | None = field(default=None, metadata={"omit_if_default": True})
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -89,6 +95,20 @@ class QuantSpec:
             raise LowbitError(f"scale_dtype {self.scale_dtype!r} is not one of {list(SCALE_DTYPES)}")
         if self.outlier_threshold is not None:
             self._check_outlier_threshold()
+        self._check_clusters()
+
+    def _check_clusters(self) -> None:
+        k = self.clusters
+        if self.granularity != "cluster":
+            if k is not None:
+                raise LowbitError(f"clusters={k!r} needs granularity 'cluster' (got {self.granularity!r})")
+            return
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise LowbitError(f"granularity 'cluster' needs a positive integer 'clusters' (e.g. 8), got {k!r}")
+        if self.dynamic:
+            raise LowbitError("granularity 'cluster' is static (ranges from calibration): set dynamic=false")
+        if self.observer != "minmax":
+            raise LowbitError("granularity 'cluster' clusters the channels' min-max ranges: use observer 'minmax'")
 
     def _check_types(self) -> None:
         """YAML gives ``true``, ``"64"`` or ``4`` where another type was meant; none of them may pass
@@ -131,6 +151,8 @@ class QuantSpec:
     def describe(self) -> str:
         """Short human form, e.g. ``int4 g128 sym`` or ``int8 token dyn``."""
         gran = f"g{self.group_size}" if self.granularity == "group" else self.granularity
+        if self.granularity == "cluster":
+            gran = f"{self.clusters}-cluster"
         parts = [self.format, gran, "sym" if self.symmetric else "asym"]
         if self.dynamic:
             parts.append("dyn")
@@ -174,12 +196,15 @@ class Scheme:
         pairs = [("", self.weights, self.input_activations)]
         pairs += [(f"override {o.pattern!r}: ", o.weights, o.input_activations) for o in self.overrides]
         for label, weights, acts in pairs:
-            if weights is not None and weights.granularity in ("token", "head"):
+            if weights is not None and weights.granularity in ("token", "head", "cluster"):
                 raise LowbitError(f"{label}weights cannot use granularity {weights.granularity!r}")
             if weights is not None and weights.dynamic:
                 raise LowbitError(f"{label}weights are quantized once: dynamic=true is for activations")
-            if acts is not None and acts.granularity not in ("tensor", "token"):
-                raise LowbitError(f"{label}input_activations use granularity 'tensor' (static) or 'token' (dynamic)")
+            if acts is not None and acts.granularity not in ("tensor", "token", "cluster"):
+                raise LowbitError(
+                    f"{label}input_activations use granularity 'tensor' (static), 'token' (dynamic) "
+                    "or 'cluster' (static, RPTQ)"
+                )
         kv = self.kv_cache
         if kv is not None and kv.granularity not in ("tensor", "head", "token"):
             raise LowbitError("kv_cache uses granularity 'tensor', 'head' or 'token'")

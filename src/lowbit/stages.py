@@ -196,7 +196,7 @@ def _swap_in_quant_linears(
     float_weights: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
     for name, linear in ctx.targets.items():
         aspec = ctx.specs[name][1]
-        act = ActQuantizer(aspec) if aspec is not None else None
+        act = ActQuantizer(aspec, ctx.act_clusters.get(name)) if aspec is not None else None
         if act is not None and name in observers:
             act.set_range(*observers[name].range())
         if keep_float:

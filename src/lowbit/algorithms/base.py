@@ -44,6 +44,9 @@ class BlockContext:
     qweights: dict[str, QuantizedWeight] = field(default_factory=dict)
     stats: dict[str, dict[str, float]] = field(default_factory=dict)
     passes: int = 0  # passes over the calibration inputs made so far (whole or stopped early)
+    # per-cluster activation quantization (RPTQ): target name -> its input channels' cluster (in,)
+    # int64, chosen by a transform; the swap stage hands them to the target's ActQuantizer
+    act_clusters: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def forward(self, hooks: Mapping[nn.Module, Callable[..., Any]] | None = None) -> list[torch.Tensor]:
         """Run the block over every calibration batch; returns the output hidden states per batch."""
@@ -104,6 +107,11 @@ class Algorithm(ABC):
     def splits_exactly(self) -> bool:
         """Whether this step, as configured, may run on data-parallel workers (``data_parallel``)."""
         return self.data_parallel
+
+    def see_model(self, model: nn.Module, recipe: Recipe) -> None:
+        """Told the model (possibly a meta-device skeleton: names and shapes) and the recipe before
+        ``model_candidates``, for searches whose candidates are per layer (MoFQ). Nothing by default."""
+        return None
 
     def model_candidates(self, recipe: Recipe) -> list[tuple[Any, Recipe]]:
         """A search whose loss is the model's output (SmoothQuant+'s alpha): (candidate, the recipe
