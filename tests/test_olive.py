@@ -53,7 +53,7 @@ def _abfloat_table(grid: OliveGrid) -> list[tuple[float, int, int]]:
 
 def _ref_abfloat_code(v: float, grid: OliveGrid) -> int:
     """Nearest abfloat magnitude (ties to the even mantissa), as a signed ``bits``-bit code."""
-    mag, e, m = min(_abfloat_table(grid), key=lambda t: (abs(abs(v) - t[0]), t[2] % 2))
+    _, e, m = min(_abfloat_table(grid), key=lambda t: (abs(abs(v) - t[0]), t[2] % 2))
     pattern = (int(v < 0) << (grid.ebits + grid.mbits)) | (e << grid.mbits) | m
     return pattern - 2**grid.bits if pattern >= 2 ** (grid.bits - 1) else pattern
 

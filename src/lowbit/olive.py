@@ -196,8 +196,6 @@ OLIVE_ACT_SAMPLE = 1 << 13
 SEARCH_RATIOS = tuple(0.75 + 0.1 * i for i in range(18))
 
 
-
-
 def olive_scale(
     x: torch.Tensor, grid: OliveGrid, ratios: tuple[float, ...] = SEARCH_RATIOS, max_values: int | None = None
 ) -> torch.Tensor:
@@ -205,10 +203,10 @@ def olive_scale(
 
     Candidates ``alpha = r * max(|mean + 3 std|, |mean - 3 std|)`` for each ``r`` in ``ratios``,
     ``scale = alpha / qmax``; the first candidate of least squared error wins. A row of zeros gets
-    scale 1. ``max_values`` (optional) searches on a strided sample of whole pairs of each row of at
-    most that many values, drawn with a fixed seed (the per-tensor search over millions of values costs seconds a layer on
-    a CPU, and that many values estimate the error curve within noise); the scale then applies to
-    all of ``x``.
+    scale 1. ``max_values`` (optional) searches on a sample of whole pairs of each row, at most that
+    many values, drawn with a fixed seed (the per-tensor search over millions of values costs
+    seconds a layer on a CPU, and that many values estimate the error curve within noise); the
+    scale then applies to all of ``x``.
     """
     xf = x.detach().to(torch.float32)
     sample = xf
@@ -232,6 +230,7 @@ def olive_scale(
     best = err.argmin(1)  # the first of least error
     scale = cand.gather(1, best[:, None]).squeeze(1)
     return torch.where(base > 0, scale, torch.ones_like(scale))
+
 
 def olive_dynamic_fake_quantize(x: torch.Tensor, grid: OliveGrid) -> torch.Tensor:
     """Dynamic per-tensor Olive fake quantization of an activation ``x`` (..., H), H even: the scale

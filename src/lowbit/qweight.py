@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.olive import OLIVE_WEIGHT_SAMPLE, olive_decode, olive_encode, olive_grid, olive_scale
 from lowbit.observers import Observer, make_observer, row_range
+from lowbit.olive import OLIVE_WEIGHT_SAMPLE, olive_decode, olive_encode, olive_grid, olive_scale
 from lowbit.primitives import SCALE_DTYPES, RangeFakeQuant, group_index, qparams, quantize
 from lowbit.scheme import QuantSpec
 

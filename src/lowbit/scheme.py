@@ -204,7 +204,9 @@ class Scheme:
             if acts is not None and acts.granularity not in ("tensor", "token"):
                 raise LowbitError(f"{label}input_activations use granularity 'tensor' (static) or 'token' (dynamic)")
             if acts is not None and acts.encoding is not None and not (acts.dynamic and acts.granularity == "tensor"):
-                raise LowbitError(f"{label}input_activations with encoding 'olive' are dynamic per tensor: set dynamic=true")
+                raise LowbitError(
+                    f"{label}input_activations with encoding 'olive' are dynamic per tensor: set dynamic=true"
+                )
         kv = self.kv_cache
         if kv is not None and kv.granularity not in ("tensor", "head", "token"):
             raise LowbitError("kv_cache uses granularity 'tensor', 'head' or 'token'")

@@ -79,4 +79,3 @@ class LoRC(Algorithm):
             stats["lorc_rel_error_before"] = float(error.pow(2).sum()) / norm
             after = error - u.to(torch.float32).to(w.device) @ v.to(torch.float32).to(w.device)
             stats["lorc_rel_error_after"] = float(after.pow(2).sum()) / norm
-
