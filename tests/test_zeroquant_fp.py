@@ -200,3 +200,20 @@ def test_w4a8_fp_without_lorc_exports_are_refused_by_the_formats_own_checks(tmp_
     with pytest.raises(LowbitError, match="cannot export to compressed-tensors") as err:
         export_model(model, byte_tokenizer(), "compressed-tensors", tmp_path / "ct")
     assert "LoRC" not in str(err.value)
+
+
+@pytest.mark.slow
+def test_demo_lorc_lowers_kl_and_fp4_weights_cast_to_fp8() -> None:
+    """On the demo model: every w4a8-fp weight casts to FP8 exactly, and LoRC lowers the KL."""
+    from lowbit import api
+
+    model, tok = api.load_model("demo")
+    windows = api.eval_windows(tok, "demo", seq_len=256, n_windows=2)
+    calib = api.calibration_samples(tok, "demo", n_samples=1, seq_len=16, seed=0)  # data-free: unused
+    kl = {}
+    for name in ("w4a8-fp", "w4a8-fp-lorc"):
+        quantized = copy.deepcopy(model)
+        report = api.quantize(quantized, with_group_size(get_preset(name), 64), calib, progress=False)
+        assert all(r.extra["fp8_castable"] == 1.0 for r in report.layers)
+        kl[name] = api.evaluate(quantized, windows, baseline=model, batch_size=2, progress=False).kl
+    assert kl["w4a8-fp-lorc"] < kl["w4a8-fp"], kl
