@@ -216,7 +216,7 @@ def olive_scale(
         pairs = _pairs(xf)  # (R, N/2, 2)
         pick = torch.randint(0, pairs.shape[1], (max_values // 2,), generator=torch.Generator().manual_seed(0))
         sample = pairs[:, pick.to(xf.device)].reshape(xf.shape[0], -1)
-    mean, std = sample.mean(1), sample.std(1) if sample.shape[1] > 1 else torch.zeros(sample.shape[0])
+    mean, std = sample.mean(1), sample.std(1) if sample.shape[1] > 1 else torch.zeros_like(sample[:, 0])
     base = torch.maximum((mean + 3 * std).abs(), (mean - 3 * std).abs())  # (R,)
     ratio = torch.tensor(ratios, dtype=torch.float32, device=xf.device)
     cand = (base[:, None] * ratio / grid.qmax).clamp(min=torch.finfo(torch.float32).tiny)  # (R, C)
