@@ -90,16 +90,20 @@ def _extra(report: RunReport) -> str:
     return ", ".join(parts)
 
 
-def rows(quick: bool, methods: tuple[str, ...] = ("Olive", "ZeroQuant-FP")) -> list[dict[str, Any]]:
+def rows(
+    quick: bool, methods: tuple[str, ...] = ("Olive", "ZeroQuant-FP"), only: tuple[str, ...] = ("",)
+) -> list[dict[str, Any]]:
     """One row per case of ``methods``: {method, variant, baseline_of, bits_per_weight, ppl,
-    ppl_increase_pct, kl, extra} (and ``fp32_ppl``)."""
+    ppl_increase_pct, kl, extra} (and ``fp32_ppl``); ``only``: variants containing one of these."""
     original, tok = api.load_model("demo")
     # quick: small enough for a shared 2-core machine (a few minutes a row there), so noisy
     n_calib, calib_len, n_windows, window_len = (2, 128, 2, 256) if quick else (32, 512, 16, 512)
     calib = api.calibration_samples(tok, "demo", n_samples=n_calib, seq_len=calib_len, seed=0)
     windows = api.eval_windows(tok, "demo", seq_len=window_len, n_windows=n_windows)
     out = []
-    for method, variant, baseline_of, recipe in (case for case in _cases() if case[0] in methods):
+    for method, variant, baseline_of, recipe in _cases():
+        if method not in methods or not any(part in variant for part in only):
+            continue
         model = copy.deepcopy(original)
         report = api.quantize(model, recipe, calib, batch_size=4, progress=False)
         res = api.evaluate(model, windows, baseline=original, batch_size=4, progress=False)
@@ -125,8 +129,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="2 x 128 calibration and 2 x 256 evaluation tokens")
     ap.add_argument("--methods", default="Olive,ZeroQuant-FP", help="comma-separated: Olive, ZeroQuant-FP")
+    ap.add_argument("--only", default="", help="comma-separated parts of variant names, e.g. W4A4,w4a4")
     args = ap.parse_args()
-    table = rows(args.quick, tuple(args.methods.split(",")))
+    table = rows(args.quick, tuple(args.methods.split(",")), tuple(args.only.split(",")))
     calib, windows = ("2 x 128", "2 x 256") if args.quick else ("32 x 512", "16 x 512")
     print(f"\nSmolLM2-135M-Instruct, {calib} calibration tokens, {windows} held-out evaluation tokens, "
           f"fp32 perplexity {table[0]['fp32_ppl']:.3f}")  # fmt: skip
