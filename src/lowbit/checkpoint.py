@@ -86,6 +86,9 @@ def _qweight_tensors(name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     if qw.outlier_idx is not None and qw.outlier_weight is not None:  # OWQ's float columns
         out[f"{name}.weight_outlier_idx"] = qw.outlier_idx.to(torch.int64).contiguous()
         out[f"{name}.weight_outlier"] = qw.outlier_weight.contiguous()
+    if qw.lorc_u is not None and qw.lorc_v is not None:  # LoRC's low-rank error factors
+        out[f"{name}.weight_lorc_u"] = qw.lorc_u.contiguous()
+        out[f"{name}.weight_lorc_v"] = qw.lorc_v.contiguous()
     return out
 
 
@@ -124,8 +127,23 @@ def _load_qweight(name: str, shape: list[int], spec: QuantSpec, t: dict[str, tor
         and (idx.dim() != 1 or tuple(kept.shape) != (out, idx.numel()) or (idx.numel() and int(idx.max()) >= inp))
     ):
         raise LowbitError(f"{name}: float columns (weight_outlier_idx / weight_outlier) are incomplete or misshaped")
+    lorc_u, lorc_v = t.pop(f"{name}.weight_lorc_u", None), t.pop(f"{name}.weight_lorc_v", None)
+    if (lorc_u is None) != (lorc_v is None) or (
+        lorc_u is not None
+        and lorc_v is not None
+        and (lorc_u.dim() != 2 or lorc_u.shape[0] != out or tuple(lorc_v.shape) != (lorc_u.shape[1], inp))
+    ):
+        raise LowbitError(f"{name}: LoRC factors (weight_lorc_u / weight_lorc_v) are incomplete or misshaped")
     return QuantizedWeight(
-        codes=codes, scale=scale, zero_point=zp, g_idx=g_idx, spec=spec, outlier_idx=idx, outlier_weight=kept
+        codes=codes,
+        scale=scale,
+        zero_point=zp,
+        g_idx=g_idx,
+        spec=spec,
+        outlier_idx=idx,
+        outlier_weight=kept,
+        lorc_u=lorc_u,
+        lorc_v=lorc_v,
     )
 
 
@@ -179,6 +197,8 @@ def _module_tensors(
                 entry["weights"] = to_dict(module.qweight.spec)
                 if module.qweight.n_outlier_columns:
                     entry["float_columns"] = module.qweight.n_outlier_columns
+                if module.qweight.lorc_u is not None:
+                    entry["lorc_rank"] = int(module.qweight.lorc_u.shape[1])
             else:
                 tensors[f"{name}.weight"] = module.weight
             if module.bias is not None:

@@ -161,6 +161,8 @@ def gptq_quantize(
         raise LowbitError(f"GPTQ needs W (out, in) and H (in, in); got {tuple(w.shape)} and {tuple(h.shape)}")
     if spec.granularity not in ("tensor", "channel", "group"):
         raise LowbitError(f"GPTQ quantizes weights per tensor, channel or group, not per {spec.granularity}")
+    if spec.encoding is not None:
+        raise LowbitError(f"GPTQ solves on plain grids, not encoding {spec.encoding!r}: use the step {spec.encoding}")
     W = w.detach().to(torch.float32).clone()
     if not torch.isfinite(W).all():
         raise LowbitError("the weight contains NaN or inf; the model file is damaged or was trained unstably")

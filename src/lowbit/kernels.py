@@ -319,6 +319,8 @@ def kernel_plan(module: QuantLinear) -> tuple[str, str]:
         return "kept", "float weight (only its activations are quantized)"
     if module.act is not None:
         return "kept", f"input activations are quantized ({module.act.spec.describe()}); the kernels take float inputs"
+    if qw.spec.encoding is not None or qw.lorc_u is not None:
+        return "kept", "Olive pair codes or LoRC factors: the kernels hold plain grids only"
     plan = int4_plan(qw)
     if not isinstance(plan, str):
         return "int4", ""

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.clusters import channel_clusters, cluster_ranges
+from lowbit.olive import olive_dynamic_fake_quantize, olive_grid
 from lowbit.primitives import fake_quantize, per_token_fake_quantize, qparams
 from lowbit.qweight import QuantizedWeight
 from lowbit.scheme import QuantSpec
@@ -70,7 +71,9 @@ class ActQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.spec
         if s.dynamic:
-            if s.outlier_threshold is not None:
+            if s.encoding == "olive":  # dynamic per tensor (the scheme checks it)
+                y = olive_dynamic_fake_quantize(x, olive_grid(s.bits))
+            elif s.outlier_threshold is not None:
                 y = self._mixed_precision(x, s.outlier_threshold)
             elif s.granularity == "token":
                 y = per_token_fake_quantize(x, s.fmt, s.symmetric, s.scale_dtype)

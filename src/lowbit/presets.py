@@ -158,6 +158,40 @@ PRESETS: dict[str, Preset] = {
     ),
 }
 
+# Olive (ISCA 2023): outlier-victim pairs on int grids, one MSE-chosen scale per weight tensor,
+# activations dynamic per tensor (lowbit.olive)
+_OLIVE_W = {b: QuantSpec(f"int{b}", "tensor", None, symmetric=True, encoding="olive") for b in (4, 8)}
+_OLIVE_A = {b: QuantSpec(f"int{b}", "tensor", None, symmetric=True, dynamic=True, encoding="olive") for b in (4, 8)}
+# ZeroQuant-FP: FP4 E2M1 weights with power-of-two scales (castable to FP8), FP8 E4M3 activations per token
+_ZQFP_W = _g("fp4_e2m1", 128, True, "pow2", observer="minmax")
+PRESETS.update(
+    {
+        "w4a4-olive": Preset(
+            "Olive: int4 weights (per tensor, MSE scale) and int4 activations (dynamic per tensor) in "
+            "outlier-victim pairs, outliers in E2M1 abfloat",
+            Scheme(weights=_OLIVE_W[4], input_activations=_OLIVE_A[4]),
+            (Step("olive"),),
+        ),
+        "w8a8-olive": Preset(
+            "Olive: int8 weights (per tensor, MSE scale) and int8 activations (dynamic per tensor) in "
+            "outlier-victim pairs, outliers in E4M3 abfloat",
+            Scheme(weights=_OLIVE_W[8], input_activations=_OLIVE_A[8]),
+            (Step("olive"),),
+        ),
+        "w4a8-fp": Preset(
+            "ZeroQuant-FP: FP4 E2M1 weights in groups of 128 with power-of-two scales (cast to FP8 exactly) + "
+            "FP8 E4M3 activations, dynamic per token",
+            Scheme(weights=_ZQFP_W, input_activations=_FP8_TOKEN),
+            (Step("zqfp"),),
+        ),
+        "w4a8-fp-lorc": Preset(
+            "w4a8-fp plus LoRC: rank-8 fp16 factors of each weight's quantization error (ZeroQuant-V2)",
+            Scheme(weights=_ZQFP_W, input_activations=_FP8_TOKEN),
+            (Step("zqfp"), Step("lorc", {"rank": 8})),
+        ),
+    }
+)
+
 DEFAULT_PRESET = "w4a16"
 
 

@@ -11,6 +11,11 @@ Layout, for a weight of shape (out, in) split into G groups along the input dime
   algorithm reordered columns).
 - ``outlier_idx`` / ``outlier_weight``: optional (k,) int64 input columns kept in float16 and
   their (out, k) values (OWQ's weak columns); their codes are unused.
+- ``lorc_u`` / ``lorc_v``: optional (out, r) and (r, in) float16 low-rank factors of the
+  quantization error (LoRC, ``lowbit.lorc``), added to the dequantized weight.
+
+A spec with ``encoding: olive`` holds Olive's outlier-victim pair codes (``lowbit.olive``):
+``grid_values()`` decodes the pairs.
 
 ``dequantize()`` gives ``scale[:, g_idx] * (q - zero_point[:, g_idx])`` in float32, with the
 float columns put back.
@@ -25,6 +30,7 @@ import torch
 from lowbit.clusters import ChannelRangeObserver
 from lowbit.errors import LowbitError
 from lowbit.observers import Observer, make_observer, row_range
+from lowbit.olive import OLIVE_WEIGHT_SAMPLE, olive_decode, olive_encode, olive_grid, olive_scale
 from lowbit.primitives import SCALE_DTYPES, RangeFakeQuant, group_index, qparams, quantize
 from lowbit.scheme import QuantSpec
 
@@ -38,6 +44,8 @@ class QuantizedWeight:
     spec: QuantSpec
     outlier_idx: torch.Tensor | None = None
     outlier_weight: torch.Tensor | None = None
+    lorc_u: torch.Tensor | None = None
+    lorc_v: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -45,6 +53,8 @@ class QuantizedWeight:
 
     def grid_values(self) -> torch.Tensor:
         """(out, in) float32 grid values ``q`` decoded from the codes."""
+        if self.spec.encoding == "olive":
+            return olive_decode(self.codes, olive_grid(self.spec.bits))
         return self.spec.fmt.from_codes(self.codes)
 
     def dequantize(self) -> torch.Tensor:
@@ -54,6 +64,8 @@ class QuantizedWeight:
         w = (self.grid_values() - zp) * scale
         if self.outlier_idx is not None and self.outlier_weight is not None:
             w[:, self.outlier_idx] = self.outlier_weight.to(torch.float32)
+        if self.lorc_u is not None and self.lorc_v is not None:
+            w += self.lorc_u.to(torch.float32) @ self.lorc_v.to(torch.float32)
         return w
 
     @property
@@ -69,6 +81,8 @@ class QuantizedWeight:
         if not self.spec.symmetric:
             extra += self.zero_point.numel() * self.spec.bits
         extra += self.n_outlier_columns * (16 * out + 16)
+        if self.lorc_u is not None:
+            extra += 16 * self.lorc_u.shape[1] * (out + inp)  # fp16 LoRC factors
         return self.spec.bits + extra / (out * inp)
 
 
@@ -129,6 +143,8 @@ def quantize_weight(
     w = w.detach().to(torch.float32)
     if not torch.isfinite(w).all():
         raise LowbitError("the weight contains NaN or inf; the model file is damaged or was trained unstably")
+    if spec.encoding == "olive":
+        return _olive_weight(w, spec)
     lo, hi = ranges if ranges is not None else weight_ranges(w, spec)
     scale, zp = qparams(lo, hi, spec.fmt, spec.symmetric, spec.scale_dtype)
     g_idx = group_index(w.shape[1], spec.group_size if spec.granularity == "group" else None)
@@ -138,5 +154,19 @@ def quantize_weight(
         scale=scale.to(SCALE_DTYPES[spec.scale_dtype]),
         zero_point=zp,
         g_idx=g_idx,
+        spec=spec,
+    )
+
+
+def _olive_weight(w: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
+    """Olive's pair codes for ``w`` (out, in) with one MSE-chosen scale per tensor or per row."""
+    grid = olive_grid(spec.bits)
+    rows = w.reshape(1, -1) if spec.granularity == "tensor" else w
+    scale = olive_scale(rows, grid, max_values=OLIVE_WEIGHT_SAMPLE)[:, None]  # (1, 1) or (out, 1)
+    return QuantizedWeight(
+        codes=olive_encode(w / scale, grid),
+        scale=scale,
+        zero_point=torch.zeros_like(scale),
+        g_idx=group_index(w.shape[1], None),
         spec=spec,
     )

@@ -74,6 +74,9 @@ class QuantSpec:
     scale_dtype: str = "float32"
     outlier_threshold: float | None = field(default=None, metadata={"omit_if_default": True})
     clusters: int | None = field(default=None, metadata={"omit_if_default": True})
+    # "olive": Olive's outlier-victim pair encoding on the int4/int8 grid (lowbit.olive); left out
+    # of the plain-data form while unset, as outlier_threshold
+    encoding: str | None = field(default=None, metadata={"omit_if_default": True})
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -96,6 +99,8 @@ class QuantSpec:
         if self.outlier_threshold is not None:
             self._check_outlier_threshold()
         self._check_clusters()
+        if self.encoding is not None:
+            self._check_encoding()
 
     def _check_clusters(self) -> None:
         k = self.clusters
@@ -140,6 +145,22 @@ class QuantSpec:
             )
         object.__setattr__(self, "outlier_threshold", float(t))  # 6 and 6.0 describe and compare alike
 
+    def _check_encoding(self) -> None:
+        if self.encoding != "olive":
+            raise FieldError("encoding", f"the only encoding is 'olive' (or leave it out), got {show(self.encoding)}")
+        if self.format not in ("int4", "int8") or not self.symmetric:
+            raise LowbitError(
+                f"encoding 'olive' pairs values on a symmetric int4 or int8 grid: use format int4 or int8 with "
+                f"symmetric=true (got {self.format}, symmetric={str(self.symmetric).lower()})"
+            )
+        if self.granularity not in ("tensor", "channel") or self.outlier_threshold is not None:
+            raise LowbitError(
+                "encoding 'olive' takes one MSE-chosen scale per tensor (weights may use one per channel): set "
+                f"granularity 'tensor' or 'channel' and no outlier_threshold (got {self.granularity!r})"
+            )
+        if self.scale_dtype != "float32":
+            raise LowbitError(f"encoding 'olive' keeps float32 scales; got scale_dtype {self.scale_dtype!r}")
+
     @property
     def fmt(self) -> Format:
         return get_format(self.format)
@@ -162,6 +183,8 @@ class QuantSpec:
             parts.append({"float16": "fp16", "bfloat16": "bf16"}.get(self.scale_dtype, self.scale_dtype) + "-scale")
         if self.outlier_threshold is not None:
             parts.append(f"outliers>{self.outlier_threshold:g}")
+        if self.encoding is not None:
+            parts.append(self.encoding)
         return " ".join(parts)
 
 
@@ -205,9 +228,15 @@ class Scheme:
                     f"{label}input_activations use granularity 'tensor' (static), 'token' (dynamic) "
                     "or 'cluster' (static, RPTQ)"
                 )
+            if acts is not None and acts.encoding is not None and not (acts.dynamic and acts.granularity == "tensor"):
+                raise LowbitError(
+                    f"{label}input_activations with encoding 'olive' are dynamic per tensor: set dynamic=true"
+                )
         kv = self.kv_cache
         if kv is not None and kv.granularity not in ("tensor", "head", "token"):
             raise LowbitError("kv_cache uses granularity 'tensor', 'head' or 'token'")
+        if kv is not None and kv.encoding is not None:
+            raise LowbitError("kv_cache cannot use an encoding: Olive pairs are for weights and input_activations")
         if kv is not None and kv.outlier_threshold is not None:
             # the KV cache quantizer has no float path: a threshold there would be silently ignored
             raise LowbitError(

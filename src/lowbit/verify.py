@@ -183,6 +183,9 @@ def check_qweight(name: str, qw: QuantizedWeight) -> None:
     check_zero_point(f"{name}.weight_zero_point", qw.zero_point, qw.spec.fmt)
     if qw.outlier_weight is not None:
         check_finite(f"{name}.weight_outlier", qw.outlier_weight)
+    for part, factor in (("u", qw.lorc_u), ("v", qw.lorc_v)):
+        if factor is not None:
+            check_finite(f"{name}.weight_lorc_{part}", factor)
 
 
 def check_qparams(name: str, scale: torch.Tensor, zp: torch.Tensor, fmt: Format) -> None:

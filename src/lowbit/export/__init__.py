@@ -18,7 +18,7 @@ from typing import Any
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.export.base import Exporter, ExportResult, check_options, refusal
+from lowbit.export.base import Exporter, ExportResult, check_options, refusal, representation_problems
 from lowbit.outdir import atomic_dir, check_free
 from lowbit.verify import check_model
 
@@ -71,7 +71,8 @@ def export_model(
         check_model(model)
     except LowbitError as e:
         raise LowbitError(f"cannot export to {fmt}: {e}; nothing was written") from None
-    problems = exporter.check(model, options)
+    # Olive pairs and LoRC factors first: the exporters' own checks read codes as plain grid values
+    problems = representation_problems(model) or exporter.check(model, options)
     if problems:
         raise refusal(fmt, problems, exporter.refusal_hint)
     with atomic_dir(out, overwrite) as tmp:

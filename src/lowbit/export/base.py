@@ -127,3 +127,22 @@ def check_options(exporter: Exporter, options: Mapping[str, str]) -> None:
     if unknown:
         known = ", ".join(sorted(exporter.options_help)) or "none"
         raise LowbitError(f"{exporter.name} has no option {', '.join(unknown)}; its options: {known}")
+
+
+def representation_problems(model: nn.Module) -> list[Problem]:
+    """Layers whose numbers no export format holds: Olive's outlier-victim pair codes (weights or
+    activations) and LoRC's low-rank error factors. ``export_model`` refuses them for every format,
+    before the exporter's own check (which reads codes as plain grid values)."""
+    problems = []
+    for name, m in quantized_linears(model):
+        qw = m.qweight
+        if qw is not None and qw.spec.encoding is not None:
+            detail = f"{qw.spec.describe()}: no runtime format decodes Olive's outlier-victim pairs"
+            problems.append(Problem(name, "weights encoding", detail))
+        if m.act is not None and m.act.spec.encoding is not None:
+            detail = f"{m.act.spec.describe()}: no runtime format quantizes activations in Olive's pairs"
+            problems.append(Problem(name, "input activations encoding", detail))
+        if qw is not None and qw.lorc_u is not None:
+            detail = f"rank {qw.lorc_u.shape[1]} fp16 factors beside the weight: the format has no place for them"
+            problems.append(Problem(name, "LoRC factors", detail))
+    return problems
