@@ -48,12 +48,12 @@ __all__ = [
     "load_model",
     "load_quantized",
     "load_texts",
+    "qat",
     "quantize",
     "quantize_to",
     "resolve_recipe",
     "save_quantized",
     "with_method",
-    "qat",
 ]
 
 

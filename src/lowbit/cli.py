@@ -58,8 +58,10 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
         elif args.command == "qat":
-            print("lowbit: interrupted; add --resume to the same command to continue from the last saved step",
-                  file=sys.stderr)
+            print(
+                "lowbit: interrupted; add --resume to the same command to continue from the last saved step",
+                file=sys.stderr,
+            )
         else:
             print("lowbit: interrupted; no partial output was left in place", file=sys.stderr)
         return 130

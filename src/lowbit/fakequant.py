@@ -66,9 +66,7 @@ def _reduce_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 class _FakeQuant(torch.autograd.Function):
     @staticmethod
-    def forward(
-        ctx: Any, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, fmt: Format
-    ) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, fmt: Format) -> torch.Tensor:
         ctx.fmt = fmt
         ctx.save_for_backward(x, scale, zero_point)
         return fake_quantize(x, scale, zero_point, fmt).to(x.dtype)

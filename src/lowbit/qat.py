@@ -41,6 +41,7 @@ from lowbit.errors import LowbitError
 from lowbit.fakequant import distill_kl, next_token_ce
 from lowbit.models import load_model
 from lowbit.outdir import check_output
+from lowbit.presets import get_preset
 from lowbit.qat_modules import QATLinear
 from lowbit.qat_setup import (
     QATConfig,
@@ -52,7 +53,6 @@ from lowbit.qat_setup import (
     training_windows,
 )
 from lowbit.qat_state import STATE_FILE, batch_indices, load_state, rng_state, save_state, set_rng_state, state_dir
-from lowbit.presets import get_preset
 from lowbit.recipes import load_recipe, recipe_from_dict
 from lowbit.scheme import Recipe, to_dict
 
@@ -139,6 +139,7 @@ def train(
     out = Path(out)
     check_output(out, overwrite, model_dir=model if isinstance(model, str) else None)
     resolved, loaded = _resolve(recipe, start)
+    teacher: nn.Module
     if isinstance(model, str):
         teacher, tok = load_model(model, trust_remote_code=trust_remote_code)
         tokenizer = tokenizer or tok
@@ -229,7 +230,7 @@ def train(
     provenance = {
         "scheme": to_dict(resolved.scheme),
         "recipe": to_dict(resolved),
-        "base_model": model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", None),
+        "base_model": model if isinstance(model, str) else getattr(teacher.config, "_name_or_path", None),
         "qat": {
             **config.fingerprint(),
             "steps": step,

@@ -37,6 +37,11 @@ class QATLinear(nn.Module):
     activation scale with LSQ.
     """
 
+    bias: torch.Tensor | None
+    zero_point: torch.Tensor
+    g_idx: torch.Tensor
+    act_zero_point: torch.Tensor
+
     def __init__(
         self,
         weight: torch.Tensor,

@@ -141,6 +141,7 @@ def float_student(
         if act is not None and name in ranges:
             act.set_range(*ranges[name])
         linear = student.get_submodule(name)
+        assert isinstance(linear, nn.Linear)
         try:
             student.set_submodule(name, QATLinear.from_linear(linear, wspec, act, config.lsq))
         except LowbitError as e:
