@@ -113,14 +113,16 @@ def training_windows(data: str | torch.Tensor, tokenizer: Any, seq_len: int, bat
     return windows
 
 
-def _observe_static(teacher: nn.Module, layers: dict[str, QuantSpec], windows: torch.Tensor, n: int) -> dict:
+def _observe_static(
+    teacher: nn.Module, layers: dict[str, QuantSpec], windows: torch.Tensor, n: int, seed: int
+) -> dict[str, Any]:
     """Observed (lo, hi) of each layer's input on ``n`` windows of epoch 0's order, run one at a time."""
     observers = {name: spec_observer(spec) for name, spec in layers.items()}
 
     def hook(name: str) -> Any:
         return lambda _m, inp, _o: observers[name].update(inp[0].detach())
 
-    first = epoch_order(windows.shape[0], 0, 0)[:n]
+    first = epoch_order(windows.shape[0], seed, 0)[:n]
     with forward_hooks({teacher.get_submodule(n_): hook(n_) for n_ in observers}), torch.no_grad():
         for i in first.tolist():
             teacher(input_ids=windows[i : i + 1], use_cache=False)
@@ -134,7 +136,8 @@ def float_student(
     check_recipe(recipe, teacher)
     targets = targeted_layers(teacher, recipe)
     static = {n: a for n, (_, _, a) in targets.items() if a is not None and not a.dynamic}
-    ranges = _observe_static(teacher, static, windows, min(config.observe_windows, len(windows))) if static else {}
+    n_observe = min(config.observe_windows, len(windows))
+    ranges = _observe_static(teacher, static, windows, n_observe, config.seed) if static else {}
     student = copy.deepcopy(teacher)
     for name, (_, wspec, aspec) in targets.items():
         act = ActQuantizer(aspec) if aspec is not None else None
