@@ -63,19 +63,23 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--lsq", action="store_true")
     ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--ptq", default=None, help="reuse this w4a16 checkpoint (e.g. a previous run's) as the start")
     args = ap.parse_args()
 
     original, tok = api.load_model("demo")
     recipe = with_group_size(get_preset("w4a16"), args.group_size)
     work = Path(tempfile.mkdtemp(prefix="lowbit-qat-bench-"))
-    calib = api.calibration_samples(tok, "demo", n_samples=args.samples, seq_len=512, seed=0)
     start = time.perf_counter()
-    model, _ = api.load_model("demo")
-    report = api.quantize(model, recipe, calib, progress=False)
-    ptq = api.save_quantized(model, tok, work / "ptq", report)
+    if args.ptq is None:
+        calib = api.calibration_samples(tok, "demo", n_samples=args.samples, seq_len=512, seed=0)
+        model, _ = api.load_model("demo")
+        report = api.quantize(model, recipe, calib, progress=False)
+        ptq = api.save_quantized(model, tok, work / "ptq", report)
+        del model
+    else:
+        ptq = Path(args.ptq)
     ptq_seconds = time.perf_counter() - start
-    del model
-    print(f"PTQ {recipe.name}: {ptq_seconds:.0f} s", file=sys.stderr, flush=True)
+    print(f"PTQ {recipe.name} in {ptq}: {ptq_seconds:.0f} s", file=sys.stderr, flush=True)
 
     config = qat.QATConfig(
         steps=args.steps, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len, save_every=0, lsq=args.lsq
@@ -88,7 +92,8 @@ def main() -> int:
     windows = api.eval_windows(tok, "demo", seq_len=512, n_windows=args.windows)
     models = {"ptq": api.load_quantized(ptq)[0], "qat": api.load_quantized(result.out)[0]}
     rows = scores(models, original, windows)
-    rows[1]["what"] = f"{recipe.name} (GPTQ), {args.samples}x512 calib, {ptq_seconds:.0f} s"
+    made = f"{args.samples}x512 calib, {ptq_seconds:.0f} s" if args.ptq is None else f"from {args.ptq}"
+    rows[1]["what"] = f"{recipe.name} (GPTQ), {made}"
     lsq = " + LSQ" if args.lsq else ""
     rows[2]["what"] = (
         f"QAT{lsq} from it: {args.steps} steps x {args.batch_size}x{args.seq_len} tokens, lr {args.lr:g}, "

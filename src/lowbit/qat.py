@@ -25,6 +25,7 @@ lowbit checkpoint (``checkpoint.save_quantized``): the final masters rounded on 
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import time
 from collections.abc import Callable
@@ -36,7 +37,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowbit.checkpoint import load_quantized, save_quantized
+from lowbit.checkpoint import META_FILE, load_quantized, save_quantized
 from lowbit.errors import LowbitError
 from lowbit.fakequant import distill_kl, next_token_ce
 from lowbit.models import load_model
@@ -82,6 +83,14 @@ def _model_id(model: str | nn.Module) -> str:
         h.update(name.encode())
         h.update(_sha(t.float()).encode())
     return f"in-memory model {h.hexdigest()[:16]}"
+
+
+def _start_hashes(start: str | Path) -> Any:
+    """The file hashes the start checkpoint's ``lowbit.json`` records (so a changed start is not resumed)."""
+    try:
+        return json.loads((Path(start) / META_FILE).read_text()).get("sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _resolve(recipe: str | Path | Recipe | None, start: str | Path | None) -> tuple[Recipe, nn.Module | None]:
@@ -154,7 +163,7 @@ def train(
     fingerprint = {
         "recipe": to_dict(resolved),
         "model": _model_id(model),
-        "start": None if start is None else str(start),
+        "start": None if start is None else [str(start), _start_hashes(start)],
         "data": _sha(windows),
         "config": config.fingerprint(),
         "threads": torch.get_num_threads(),
