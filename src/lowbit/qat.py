@@ -147,6 +147,11 @@ def train(
     began = time.perf_counter()
     out = Path(out)
     check_output(out, overwrite, model_dir=model if isinstance(model, str) else None)
+    if resume and not (state_dir(out) / STATE_FILE).is_file():  # before anything is loaded
+        raise LowbitError(
+            f"--resume: there is no QAT run to resume ({state_dir(out) / STATE_FILE} does not exist); run the same "
+            "command without --resume"
+        )
     resolved, loaded = _resolve(recipe, start)
     teacher: nn.Module
     if isinstance(model, str):
