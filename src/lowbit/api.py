@@ -48,6 +48,7 @@ __all__ = [
     "load_model",
     "load_quantized",
     "load_texts",
+    "qat",
     "quantize",
     "quantize_to",
     "resolve_recipe",
@@ -163,3 +164,11 @@ def bits_per_weight(model: nn.Module) -> float | None:
             total_bits += m.qweight.bits_per_weight() * n
             total += n
     return total_bits / total if total else None
+
+
+def qat(model: str | nn.Module, recipe: str | Path | Recipe | None, data: Any, out: str | Path, **kwargs: Any) -> Any:
+    """Quantization-aware training into the checkpoint ``out``: ``lowbit.qat.train`` (its keyword
+    arguments: ``config=QATConfig(...)``, ``start``, ``resume``, ``tokenizer``, ...); returns its ``QATResult``."""
+    from lowbit.qat import train
+
+    return train(model, recipe, data, out, **kwargs)

@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
             from lowbit.cli_lab import analyze_command
 
             return analyze_command(args)
+        if args.command == "qat":
+            return _qat(args)
         return _eval(args)
     except LowbitError as err:
         print(f"lowbit: error: {err}", file=sys.stderr)
@@ -57,6 +59,11 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 "lowbit: interrupted; the finished blocks are kept next to the output: add --resume to the same "
                 "command to continue from them",
+                file=sys.stderr,
+            )
+        elif args.command == "qat":
+            print(
+                "lowbit: interrupted; add --resume to the same command to continue from the last saved step",
                 file=sys.stderr,
             )
         else:
@@ -427,6 +434,44 @@ def _table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         ("seconds", "eval s", ".1f"),
     ]
     return head + "\n" + format_table(rows, columns)  # type: ignore[arg-type]
+
+
+def _qat(args: argparse.Namespace) -> int:
+    from lowbit import qat
+
+    config = qat.QATConfig(
+        steps=args.steps,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        save_every=args.save_every,
+        lsq=args.lsq,
+        scale_lr=args.scale_lr,
+        distill=args.distill,
+        temperature=args.temperature,
+        weight_decay=args.weight_decay,
+        clip_norm=args.clip_norm,
+        seed=args.seed,
+    )
+    result = qat.train(
+        args.model,
+        args.recipe,
+        args.data,
+        args.out,
+        config,
+        start=args.start,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+        device=args.device,
+        trust_remote_code=args.trust_remote_code,
+    )
+    losses = result.losses
+    first = f"{losses[0]:.4g}" if losses else "-"
+    last = f"{sum(losses[-10:]) / len(losses[-10:]):.4g}" if losses else "-"
+    print(f"wrote {result.out}: {len(losses)} steps, loss {first} at the first step, {last} over the last 10")
+    print(f"  evaluate it: lowbit eval {result.out} --baseline {args.model}")
+    return 0
 
 
 if __name__ == "__main__":

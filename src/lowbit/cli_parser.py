@@ -242,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_run_parsers(sub)
     add_analyze_parser(sub)
+    _add_qat_parser(sub)
     ps = sub.add_parser(
         "presets",
         help="list the presets, or print one as a recipe",
@@ -302,3 +303,48 @@ def _add_run_parsers(sub: Any) -> None:
     b.add_argument("--quiet", action="store_true", help="no progress messages")
     _add_trust(b)
     _add_no_verify(b)
+
+
+def _add_qat_parser(sub: Any) -> None:
+    t = sub.add_parser(
+        "qat",
+        help="quantization-aware training: fine-tune through the recipe's quantizers, save a lowbit checkpoint",
+        description="Train MODEL's linear weights through fake-quantized weights and input activations (the "
+        "recipe's specs; straight-through gradients, optionally LSQ step sizes), by distillation from the float "
+        "model (KL of the next-token distributions) or next-token cross entropy on --data, with AdamW. Starts "
+        "from the recipe's RTN grid, or from a lowbit checkpoint (--from, e.g. GPTQ's). The state is saved every "
+        "--save-every steps next to --out (.NAME.qat) for --resume; the result is a normal lowbit checkpoint "
+        "(evaluate it with `lowbit eval OUT --baseline MODEL`).",
+        epilog="examples:\n  lowbit quantize --preset w4a16 --group-size 64 --out out/w4a16-g64\n"
+        "  lowbit qat demo --from out/w4a16-g64 --data demo --out out/w4a16-g64-qat --steps 100\n"
+        "  lowbit eval out/w4a16-g64-qat --baseline demo",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    t.add_argument("model", help="the float model (teacher and start): Hub id, HF directory, .gguf or 'demo'")
+    t.add_argument("--recipe", default=None, help="preset name or recipe YAML (default with --from: the checkpoint's)")
+    t.add_argument("--from", dest="start", default=None, metavar="CHECKPOINT", help="lowbit checkpoint to start from")
+    t.add_argument("--data", default="demo", help="training text (its calib split; same forms as --calib)")
+    t.add_argument("--out", required=True, help="output checkpoint directory")
+    t.add_argument("--steps", type=int, default=100, help="optimizer steps in all (default 100)")
+    t.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate of the weights (default 1e-5)")
+    t.add_argument("--scale-lr", type=float, default=None, help="learning rate of LSQ scales (default --lr)")
+    t.add_argument("--batch-size", type=_positive_int, default=1, help="windows per step (default 1)")
+    t.add_argument("--seq-len", type=_positive_int, default=512, help="tokens per window (default 512)")
+    t.add_argument("--save-every", type=int, default=50, help="save the resumable state every N steps (default 50)")
+    t.add_argument("--resume", action="store_true", help="continue an interrupted run into the same --out")
+    t.add_argument("--lsq", action="store_true", help="learn the step sizes (LSQ, Esser et al. 2020)")
+    t.add_argument(
+        "--distill",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="KL to the float model's next-token distribution (default); --no-distill: cross entropy on --data",
+    )
+    t.add_argument("--temperature", type=float, default=1.0, help="distillation temperature (default 1)")
+    t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    t.add_argument("--clip-norm", type=float, default=1.0, help="gradient norm clipping, 0 for none (default 1)")
+    t.add_argument("--seed", type=int, default=0, help="seed of the window order (default 0)")
+    t.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing output (and a left state)")
+    t.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all cores)")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_trust(t)

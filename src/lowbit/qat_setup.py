@@ -1,0 +1,207 @@
+"""The pieces a QAT run is built from: its settings, the student model, the training windows.
+
+The student is the float model (or a lowbit checkpoint, ``start``) with every layer the recipe
+targets replaced by a ``QATLinear``; everything else is frozen. Static activation ranges come from
+the float model on the first training windows (the spec's observer), or from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit.data import load_texts, tokenize_texts
+from lowbit.errors import LowbitError
+from lowbit.hooks import forward_hooks
+from lowbit.modules import ActQuantizer, QuantLinear
+from lowbit.preflight import check_recipe, targeted_layers
+from lowbit.qat_modules import QATLinear
+from lowbit.qat_state import cut_windows, epoch_order
+from lowbit.qweight import spec_observer
+from lowbit.scheme import QuantSpec, Recipe
+
+
+@dataclasses.dataclass(frozen=True)
+class QATConfig:
+    """Settings of a QAT run.
+
+    ``steps``: optimizer steps in all (a resumed run goes on to this many). ``lr``: AdamW's learning
+    rate for the weights (constant: a run may be resumed with more steps), ``scale_lr`` for LSQ's
+    scales (default ``lr``). ``batch_size`` windows of ``seq_len`` tokens per step. ``save_every``:
+    save the resumable state every this many steps (0: never). ``lsq``: learn the step sizes.
+    ``distill``: KL to the float model's next-token distribution at ``temperature``; else next-token
+    cross entropy on the text. ``weight_decay`` (AdamW, weights only), ``clip_norm`` (gradient norm
+    clipping over all trained tensors; 0: none), ``seed`` (the window order),
+    ``observe_windows`` (windows on which static activation ranges are observed).
+    """
+
+    steps: int = 100
+    lr: float = 1e-5
+    batch_size: int = 1
+    seq_len: int = 512
+    save_every: int = 50
+    lsq: bool = False
+    scale_lr: float | None = None
+    distill: bool = True
+    temperature: float = 1.0
+    weight_decay: float = 0.0
+    clip_norm: float = 1.0
+    seed: int = 0
+    observe_windows: int = 8
+
+    def check(self) -> None:
+        for name in ("steps", "save_every", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise LowbitError(f"QAT {name} must be an integer >= 0, got {value!r}")
+        for name in ("batch_size", "observe_windows"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise LowbitError(f"QAT {name} must be an integer >= 1, got {value!r}")
+        if isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int) or self.seq_len < 2:
+            raise LowbitError(f"QAT seq_len must be an integer >= 2, got {self.seq_len!r}")
+        for name in ("lr", "scale_lr", "temperature"):
+            value = getattr(self, name)
+            if value is None and name == "scale_lr":
+                continue
+            if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value < math.inf:
+                raise LowbitError(f"QAT {name} must be a positive number, got {value!r}")
+        for name in ("weight_decay", "clip_norm"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value < math.inf:
+                raise LowbitError(f"QAT {name} must be a number >= 0, got {value!r}")
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings that change the numbers of every step (``steps`` and ``save_every`` do not)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("steps", "save_every")}
+
+
+def check_recipe_for_qat(recipe: Recipe) -> None:
+    """QAT trains quantized weights (and input activations); it needs a weight spec and no KV cache."""
+    if recipe.scheme.weights is None:
+        raise LowbitError(
+            f"recipe {recipe.name!r} has no weight spec (scheme.weights), and QAT trains quantized weights; "
+            "choose a recipe that quantizes weights, e.g. --recipe w4a16"
+        )
+    if recipe.scheme.kv_cache is not None:
+        raise LowbitError(
+            f"recipe {recipe.name!r} quantizes the KV cache, which QAT does not train; remove kv_cache from the recipe"
+        )
+
+
+def training_windows(data: str | torch.Tensor, tokenizer: Any, seq_len: int, batch_size: int) -> torch.Tensor:
+    """(n, seq_len) windows of the training text (a source's calib split, or a 1-D token tensor)."""
+    if isinstance(data, torch.Tensor):
+        stream, what = data.reshape(-1).to(torch.int64), "the training tokens"
+    else:
+        if tokenizer is None:
+            raise LowbitError("the model has no tokenizer: pass tokenizer= or token ids as data")
+        texts = load_texts(data, "calib")
+        stream, what = tokenize_texts(tokenizer, texts), f"the training text {data!r}"
+    windows = cut_windows(stream, seq_len)
+    if windows.shape[0] < batch_size:
+        raise LowbitError(
+            f"{what} holds {stream.numel()} tokens: {windows.shape[0]} windows of {seq_len} tokens, fewer than one "
+            f"batch of {batch_size}; give more text or a smaller --seq-len / --batch-size"
+        )
+    return windows
+
+
+def _observe_static(
+    teacher: nn.Module, layers: dict[str, QuantSpec], windows: torch.Tensor, n: int, seed: int
+) -> dict[str, Any]:
+    """Observed (lo, hi) of each layer's input on ``n`` windows of epoch 0's order, run one at a time."""
+    observers = {name: spec_observer(spec) for name, spec in layers.items()}
+
+    def hook(name: str) -> Any:
+        return lambda _m, inp, _o: observers[name].update(inp[0].detach())
+
+    first = epoch_order(windows.shape[0], seed, 0)[:n]
+    with forward_hooks({teacher.get_submodule(n_): hook(n_) for n_ in observers}), torch.no_grad():
+        for i in first.tolist():
+            teacher(input_ids=windows[i : i + 1], use_cache=False)
+    return {name: o.range() for name, o in observers.items()}
+
+
+def float_student(
+    teacher: nn.Module, recipe: Recipe, windows: torch.Tensor, config: QATConfig
+) -> tuple[nn.Module, list[str]]:
+    """A copy of ``teacher`` whose targeted layers are ``QATLinear`` on the grid RTN would choose."""
+    check_recipe(recipe, teacher)
+    targets = targeted_layers(teacher, recipe)
+    static = {n: a for n, (_, _, a) in targets.items() if a is not None and not a.dynamic}
+    n_observe = min(config.observe_windows, len(windows))
+    ranges = _observe_static(teacher, static, windows, n_observe, config.seed) if static else {}
+    student = copy.deepcopy(teacher)
+    for name, (_, wspec, aspec) in targets.items():
+        act = ActQuantizer(aspec) if aspec is not None else None
+        if act is not None and name in ranges:
+            act.set_range(*ranges[name])
+        linear = student.get_submodule(name)
+        assert isinstance(linear, nn.Linear)
+        try:
+            student.set_submodule(name, QATLinear.from_linear(linear, wspec, act, config.lsq))
+        except LowbitError as e:
+            raise LowbitError(f"{name}: {e}") from None
+    return student, list(targets)
+
+
+def checkpoint_student(
+    start: nn.Module, teacher: nn.Module, recipe: Recipe, where: str | Path, lsq: bool
+) -> tuple[nn.Module, list[str]]:
+    """``start`` (a loaded lowbit checkpoint) with its ``QuantLinear``s as ``QATLinear``s; its layers
+    and specs must be the ones ``recipe`` gives the float ``teacher``."""
+    targets = targeted_layers(teacher, recipe)
+    have = {n: m for n, m in start.named_modules() if isinstance(m, QuantLinear)}
+    if set(have) != set(targets):
+        extra, missing = sorted(set(have) - set(targets)), sorted(set(targets) - set(have))
+        raise LowbitError(
+            f"--from {where}: its quantized layers are not the ones recipe {recipe.name!r} targets "
+            f"(only in the checkpoint: {extra[:3]}, only in the recipe: {missing[:3]}); give the checkpoint's "
+            "own recipe, or leave --recipe out to use it"
+        )
+    for name, (_, wspec, aspec) in targets.items():
+        layer = have[name]
+        got = (layer.qweight.spec if layer.qweight is not None else None, layer.act.spec if layer.act else None)
+        if got != (wspec, aspec):
+            shown = [s.describe() if s is not None else "none" for s in (*got, wspec, aspec)]
+            raise LowbitError(
+                f"--from {where}: layer {name} has weights {shown[0]} / activations {shown[1]}, but recipe "
+                f"{recipe.name!r} says {shown[2]} / {shown[3]}; leave --recipe out to use the checkpoint's own"
+            )
+        try:
+            start.set_submodule(name, QATLinear.from_quant_linear(layer, lsq))
+        except LowbitError as e:
+            raise LowbitError(f"--from {where}: {name}: {e}") from None
+    return start, list(targets)
+
+
+def freeze_all_but(student: nn.Module, names: list[str]) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """Turn off gradients everywhere but the ``QATLinear`` layers ``names``: (weights, LSQ scales)."""
+    for p in student.parameters():
+        p.requires_grad_(False)
+    weights, scales = [], []
+    for name in names:
+        layer = student.get_submodule(name)
+        assert isinstance(layer, QATLinear)
+        layer.weight.requires_grad_(True)
+        weights.append(layer.weight)
+        for s in layer.trained_scales():
+            s.requires_grad_(True)
+            scales.append(s)
+    return weights, scales
+
+
+def finished_model(student: nn.Module, names: list[str]) -> nn.Module:
+    """``student`` with its ``QATLinear``s rounded into ``QuantLinear``s (in place), in eval mode."""
+    for name in names:
+        layer = student.get_submodule(name)
+        assert isinstance(layer, QATLinear)
+        student.set_submodule(name, layer.to_quant_linear())
+    return student.eval()
