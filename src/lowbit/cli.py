@@ -44,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args)
         if args.command == "bench":
             return _bench(args)
+        if args.command == "compare":
+            from lowbit.lab.cli_compare import run_compare
+
+            return run_compare(args)
         return _eval(args)
     except LowbitError as err:
         print(f"lowbit: error: {err}", file=sys.stderr)
@@ -55,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
                 "command to continue from them",
                 file=sys.stderr,
             )
+        elif args.command == "compare":
+            print("lowbit: interrupted; run the same command again: finished work is reused", file=sys.stderr)
         else:
             print("lowbit: interrupted; no partial output was left in place", file=sys.stderr)
         return 130
@@ -322,6 +328,7 @@ def _quantize(args: argparse.Namespace) -> int:
         model, _, _ = api.load_quantized(out, trust_remote_code=args.trust_remote_code)
         baseline, _ = api.load_model(args.model, trust_remote_code=args.trust_remote_code)
         rows = _eval_rows(model, baseline, windows, args)
+        _store_eval(str(out), args.eval_data or args.calib, windows, args.model, args.batch_size, rows)
     summary["total_seconds"] = time.perf_counter() - started
     if args.json:
         print(json.dumps({"summary": summary, "eval": rows}, indent=1))
@@ -360,12 +367,23 @@ def _eval(args: argparse.Namespace) -> int:
         tok = tok or base_tok
     if tok is None:
         raise LowbitError(f"{args.model} has no tokenizer files; give --baseline so its tokenizer can be used")
-    rows = _eval_rows(model, baseline, _windows(tok, args, args.data), args)
+    windows = _windows(tok, args, args.data)
+    rows = _eval_rows(model, baseline, windows, args)
+    _store_eval(args.model, args.data, windows, args.baseline, args.batch_size, rows)
     if args.json:
         print(json.dumps({"model": args.model, "baseline": args.baseline, "data": args.data, "eval": rows}, indent=1))
     else:
         print(_table(rows, args))
     return 0
+
+
+def _store_eval(model: str, data: str, windows: Any, baseline: str | None, batch_size: int, rows: list[Any]) -> None:
+    """A lowbit checkpoint keeps its evaluation in ``eval/<key>.json`` (``lowbit.eval.store``), where
+    ``lowbit compare`` finds it instead of evaluating again; other models store nothing."""
+    from lowbit.eval.store import eval_settings, save_result
+
+    metrics = {k: v for k, v in rows[-1].items() if k != "model"}
+    save_result(model, eval_settings(data, windows, baseline, batch_size), metrics)
 
 
 def _layer_table(report: Any) -> str:
