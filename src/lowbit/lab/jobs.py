@@ -90,8 +90,8 @@ def quantize_fingerprint(
 ) -> dict[str, Any]:
     """What must be equal for a checkpoint to be reused: the recipe, the model's files, the
     calibration ids (None when the recipe reads no data) and the options that change numbers
-    (samples, seq_len, seed, batch size, device). Thread counts are left out: they move results
-    only in the last bits, not enough to quantize again."""
+    (samples, seq_len, seed, batch size, device; only the device for a data-free recipe). Thread
+    counts are left out: they move results only in the last bits, not enough to quantize again."""
     return normalized(
         {"recipe": recipe, "model": model, "calibration_sha256": calib_sha256, **task_options}, "the fingerprint"
     )

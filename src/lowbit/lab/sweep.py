@@ -188,10 +188,12 @@ def _quantize_task(
     recipe: Recipe, out: Path, calib_ids: torch.Tensor | None, options: dict[str, Any], common: dict[str, Any]
 ) -> jobs.QuantizeTask:
     """The job that makes ``out/checkpoints/<name>``, with the fingerprint it is reused by."""
-    data_sha = jobs.ids_sha256(calib_ids) if results.needs_data(recipe) else None
-    fingerprint = jobs.quantize_fingerprint(
-        recipe.to_dict(), jobs.model_fingerprint(common["model"]), data_sha, options
-    )
+    reads_data = results.needs_data(recipe)
+    data_sha = jobs.ids_sha256(calib_ids) if reads_data else None
+    # a data-free recipe runs no pass over text: its checkpoint depends on neither the draw nor the batch size
+    numbers = options if reads_data else {"device": options["device"]}
+    model = jobs.model_fingerprint(common["model"])
+    fingerprint = jobs.quantize_fingerprint(recipe.to_dict(), model, data_sha, numbers)
     return jobs.QuantizeTask(
         name=recipe.name,
         recipe=recipe.to_dict(),
