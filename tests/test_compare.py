@@ -208,3 +208,12 @@ def test_ray_gives_the_results_of_the_in_process_run(sweep: Sweep, tmp_path: Pat
 def _settings(sweep: Sweep, checkpoint: str) -> dict[str, Any]:
     key = sweep.first["data"]["eval_key"]
     return json.loads((sweep.out / checkpoint / EVAL_DIR / f"{key}.json").read_text())["settings"]
+
+
+def test_group_size_regroups_only_grouped_recipes() -> None:
+    from lowbit.lab.sweep import _recipes
+
+    chosen = _recipes(["w4a16-rtn", "w4a16", "w8a8"], [], 64)
+    assert [r.name for r in chosen] == ["w4a16-rtn-g64", "w4a16-g64", "w8a8"]
+    assert [r.scheme.weights.group_size for r in chosen[:2]] == [64, 64]  # type: ignore[union-attr]
+    assert chosen[2].scheme.weights.granularity == "channel"  # type: ignore[union-attr]

@@ -328,6 +328,13 @@ def _add_compare_parser(sub: Any) -> None:
     )
     c.add_argument("--seed", type=int, default=defaults.SEED, help="seed of the calibration draw (default %(default)s)")
     c.add_argument(
+        "--group-size",
+        type=_positive_int,
+        default=None,
+        help="weights in groups of this many input columns, for the recipes whose weights are grouped (per-channel "
+        "ones stay per channel); named e.g. w4a16-g64",
+    )
+    c.add_argument(
         "--max-memory", type=_size, default=None, metavar="SIZE", help="as for quantize: activations kept in memory"
     )
     c.add_argument("--device", default="cpu", help="as for quantize: cpu, cuda, cuda:N or auto (default cpu)")

@@ -33,6 +33,7 @@ def run_compare(args: argparse.Namespace) -> int:
         eval_windows=args.eval_windows,
         eval_seq_len=args.eval_seq_len,
         batch_size=args.batch_size,
+        group_size=args.group_size,
         max_memory=args.max_memory,
         device=args.device,
         threads=args.threads,

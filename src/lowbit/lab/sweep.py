@@ -41,11 +41,20 @@ from lowbit.scheme import Recipe
 RESULTS_FORMAT = 1
 
 
-def _recipes(presets: Sequence[str], recipe_files: Sequence[str | Path]) -> list[Recipe]:
+def _recipes(presets: Sequence[str], recipe_files: Sequence[str | Path], group_size: int | None) -> list[Recipe]:
+    """The recipes to compare; ``group_size`` regroups those whose weights are in groups (per-channel
+    and per-tensor recipes are left as they are, unlike ``lowbit quantize --group-size``: a sweep
+    usually mixes both)."""
     from lowbit.api import resolve_recipe
     from lowbit.recipes import load_recipe
+    from lowbit.scheme import with_group_size
 
     chosen = [resolve_recipe(p) for p in presets] + [load_recipe(str(f)) for f in recipe_files]
+    if group_size:
+        chosen = [
+            with_group_size(r, group_size) if r.scheme.weights and r.scheme.weights.granularity == "group" else r
+            for r in chosen
+        ]
     if not chosen:
         raise LowbitError("nothing to compare: give --presets (e.g. w4a16-rtn,w4a16) and/or --recipes files")
     names = [r.name for r in chosen]
@@ -78,6 +87,7 @@ def compare(
     eval_windows: int = defaults.EVAL_WINDOWS,
     eval_seq_len: int = defaults.EVAL_SEQ_LEN,
     batch_size: int = defaults.BATCH_SIZE,
+    group_size: int | None = None,
     max_memory: int | None = None,
     device: str = "cpu",
     threads: int | None = None,
@@ -90,7 +100,8 @@ def compare(
 
     ``ray``: None runs the jobs in this process; ``"local"`` on a local Ray cluster; an address
     (``ray://host:10001``, ``host:6379``) on that cluster. ``speed`` adds decode tokens/s (torch's
-    CPU kernels against float32, measured in one run per checkpoint)."""
+    CPU kernels against float32, measured in one run per checkpoint). ``group_size`` regroups the
+    recipes whose weights are in groups (the demo's 576-wide layers need 64 or 32)."""
     from lowbit import preflight
     from lowbit.data import calibration_samples
     from lowbit.data import eval_windows as make_windows
@@ -100,7 +111,7 @@ def compare(
 
     started = time.perf_counter()
     _check_available()
-    chosen = _recipes(presets, recipes)
+    chosen = _recipes(presets, recipes, group_size)
     out = Path(out)
     threads = threads or torch.get_num_threads()
     eval_source = eval_data or calib
