@@ -217,3 +217,28 @@ def test_group_size_regroups_only_grouped_recipes() -> None:
     assert [r.name for r in chosen] == ["w4a16-rtn-g64", "w4a16-g64", "w8a8"]
     assert [r.scheme.weights.group_size for r in chosen[:2]] == [64, 64]  # type: ignore[union-attr]
     assert chosen[2].scheme.weights.granularity == "channel"  # type: ignore[union-attr]
+
+
+def test_help_names_every_option() -> None:
+    rc, out, _ = run_cli(["compare", "--help"])
+    assert rc == 0 and out.startswith("usage: lowbit compare")
+    for option in ["--presets", "--recipes", "--out", "--calib", "--eval", "--samples", "--seq-len", "--seed",
+                   "--group-size", "--eval-windows", "--eval-seq-len", "--batch-size", "--speed", "--ray",
+                   "--max-memory", "--device", "--threads", "--json", "--quiet", "--trust-remote-code"]:  # fmt: skip
+        assert option in out, option
+
+
+def test_speed_times_each_checkpoint_against_float32(sweep: Sweep, tmp_path: Path) -> None:
+    out = _copy(sweep, tmp_path)
+    doc = _compare(sweep.world, out, PRESETS, "--speed")
+    assert _jobs(doc) == {"w8a16": ("reused", "reused"), "w4a16-rtn": ("reused", "reused")}
+    assert _numbers(doc) == _numbers(sweep.first)  # timings stay out of the numbers
+    assert doc["timings"]["speed"] is True
+    for name in ("w8a16", "w4a16-rtn"):
+        row = doc["timings"]["rows"][name]
+        assert row["fp32_tok_s"] > 0
+        assert row["kernels_tok_s"] is None or row["kernels_x_fp32"] == pytest.approx(
+            row["kernels_tok_s"] / row["fp32_tok_s"]
+        )
+    assert (out / "plots" / "decode_speed.png").is_file()
+    assert "decode tok/s" in (out / "results.md").read_text()
