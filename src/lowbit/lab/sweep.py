@@ -105,7 +105,7 @@ def compare(
     from lowbit import preflight
     from lowbit.data import calibration_samples
     from lowbit.data import eval_windows as make_windows
-    from lowbit.eval.store import eval_settings, versions
+    from lowbit.eval.store import eval_settings, model_identity, versions
     from lowbit.outdir import output_lock
     from lowbit.source import open_source
 
@@ -118,6 +118,8 @@ def compare(
     skeleton = preflight.skeleton(model, trust_remote_code)
     for recipe in chosen:  # every recipe against the model's layers, the sources, the disk: before any work
         preflight.check_quantize(model, recipe, out, [calib, eval_source], model=skeleton)
+    # local paths made absolute: a Ray worker does not run in this directory
+    model, calib, eval_source = (str(model_identity(x)) for x in (model, calib, eval_source))
     executor: InProcess | RayExecutor = InProcess() if ray is None else RayExecutor(ray, threads, _gpus(device))
     prepare_dir(out)
     try:
