@@ -44,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args)
         if args.command == "bench":
             return _bench(args)
+        if args.command == "analyze":
+            from lowbit.cli_lab import analyze_command
+
+            return analyze_command(args)
         if args.command == "compare":
             from lowbit.lab.cli_compare import run_compare
 
@@ -370,10 +374,16 @@ def _eval(args: argparse.Namespace) -> int:
     windows = _windows(tok, args, args.data)
     rows = _eval_rows(model, baseline, windows, args)
     _store_eval(args.model, args.data, windows, args.baseline, args.batch_size, rows)
+    from lowbit.cli_lab import eval_extras, format_extras
+
+    extras = eval_extras(model, baseline, tok, args)  # --generations, --tasks
     if args.json:
-        print(json.dumps({"model": args.model, "baseline": args.baseline, "data": args.data, "eval": rows}, indent=1))
+        result = {"model": args.model, "baseline": args.baseline, "data": args.data, "eval": rows}
+        print(json.dumps({**result, **extras}, indent=1))
     else:
         print(_table(rows, args))
+        if extras:
+            print(format_extras(extras))
     return 0
 
 

@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from lowbit import __version__, defaults
+from lowbit.cli_lab import add_analyze_parser, add_eval_options
 
 EPILOG = """examples:
   lowbit quantize                        # the demo: SmolLM2-135M, w4a16 in groups of 64, Shakespeare
@@ -216,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trust(e)
     _add_data_args(e)
     _add_no_verify(e)
+    add_eval_options(e)
 
     x = sub.add_parser(
         "export",
@@ -239,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_no_verify(x)
 
     _add_run_parsers(sub)
+    add_analyze_parser(sub)
     _add_compare_parser(sub)
     ps = sub.add_parser(
         "presets",
