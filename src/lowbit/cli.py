@@ -50,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
             return analyze_command(args)
         if args.command == "qat":
             return _qat(args)
+        if args.command == "compare":
+            from lowbit.lab.cli_compare import run_compare
+
+            return run_compare(args)
         return _eval(args)
     except LowbitError as err:
         print(f"lowbit: error: {err}", file=sys.stderr)
@@ -66,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
                 "lowbit: interrupted; add --resume to the same command to continue from the last saved step",
                 file=sys.stderr,
             )
+        elif args.command == "compare":
+            print("lowbit: interrupted; run the same command again: finished work is reused", file=sys.stderr)
         else:
             print("lowbit: interrupted; no partial output was left in place", file=sys.stderr)
         return 130
@@ -333,6 +339,7 @@ def _quantize(args: argparse.Namespace) -> int:
         model, _, _ = api.load_quantized(out, trust_remote_code=args.trust_remote_code)
         baseline, _ = api.load_model(args.model, trust_remote_code=args.trust_remote_code)
         rows = _eval_rows(model, baseline, windows, args)
+        _store_eval(str(out), args.eval_data or args.calib, windows, args.model, args.batch_size, rows)
     summary["total_seconds"] = time.perf_counter() - started
     if args.json:
         print(json.dumps({"summary": summary, "eval": rows}, indent=1))
@@ -371,7 +378,9 @@ def _eval(args: argparse.Namespace) -> int:
         tok = tok or base_tok
     if tok is None:
         raise LowbitError(f"{args.model} has no tokenizer files; give --baseline so its tokenizer can be used")
-    rows = _eval_rows(model, baseline, _windows(tok, args, args.data), args)
+    windows = _windows(tok, args, args.data)
+    rows = _eval_rows(model, baseline, windows, args)
+    _store_eval(args.model, args.data, windows, args.baseline, args.batch_size, rows)
     from lowbit.cli_lab import eval_extras, format_extras
 
     extras = eval_extras(model, baseline, tok, args)  # --generations, --tasks
@@ -383,6 +392,15 @@ def _eval(args: argparse.Namespace) -> int:
         if extras:
             print(format_extras(extras))
     return 0
+
+
+def _store_eval(model: str, data: str, windows: Any, baseline: str | None, batch_size: int, rows: list[Any]) -> None:
+    """A lowbit checkpoint keeps its evaluation in ``eval/<key>.json`` (``lowbit.eval.store``), where
+    ``lowbit compare`` finds it instead of evaluating again; other models store nothing."""
+    from lowbit.eval.store import eval_settings, save_result
+
+    metrics = {k: v for k, v in rows[-1].items() if k != "model"}
+    save_result(model, eval_settings(data, windows, baseline, batch_size), metrics)
 
 
 def _layer_table(report: Any) -> str:

@@ -243,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_parsers(sub)
     add_analyze_parser(sub)
     _add_qat_parser(sub)
+    _add_compare_parser(sub)
     ps = sub.add_parser(
         "presets",
         help="list the presets, or print one as a recipe",
@@ -348,3 +349,53 @@ def _add_qat_parser(sub: Any) -> None:
     t.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all cores)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_trust(t)
+
+
+def _add_compare_parser(sub: Any) -> None:
+    c = sub.add_parser(
+        "compare",
+        help="quantize a model with several presets/recipes, evaluate each, and write tables, plots and a report",
+        description="Quantize MODEL with each of --presets and --recipes into OUT/checkpoints/<name> (a checkpoint "
+        "already there made from the same recipe, model and data is reused, so a rerun or an added preset costs "
+        "only the new work), evaluate each against the original (perplexity, KL, top-1 agreement, recovery), and "
+        "write OUT/results.json, results.csv, results.md, plots/*.png and one self-contained report.html.",
+    )
+    c.add_argument("model", nargs="?", default="demo", help="Hub id, local HF directory, .gguf file or 'demo'")
+    c.add_argument("--presets", default=None, help="comma-separated preset names, e.g. w4a16-rtn,w4a16,w8a8")
+    c.add_argument("--recipes", default=None, help="comma-separated recipe YAML files")
+    c.add_argument("--out", required=True, help="the comparison's directory (new, empty, or an earlier compare's)")
+    c.add_argument("--calib", default="demo", help="calibration text (the forms `lowbit quantize --calib` takes)")
+    c.add_argument("--eval", dest="eval_data", default=None, help="evaluation text (default: --calib's held-out split)")
+    c.add_argument(
+        "--samples",
+        type=_positive_int,
+        default=defaults.CALIB_SAMPLES,
+        help="calibration samples (default %(default)s)",
+    )
+    c.add_argument(
+        "--seq-len", type=_positive_int, default=defaults.CALIB_SEQ_LEN, help="tokens per sample (default %(default)s)"
+    )
+    c.add_argument("--seed", type=int, default=defaults.SEED, help="seed of the calibration draw (default %(default)s)")
+    c.add_argument(
+        "--group-size",
+        type=_positive_int,
+        default=None,
+        help="weights in groups of this many input columns, for the recipes whose weights are grouped (per-channel "
+        "ones stay per channel); named e.g. w4a16-g64",
+    )
+    c.add_argument(
+        "--max-memory", type=_size, default=None, metavar="SIZE", help="as for quantize: activations kept in memory"
+    )
+    c.add_argument("--device", default="cpu", help="as for quantize: cpu, cuda, cuda:N or auto (default cpu)")
+    c.add_argument("--speed", action="store_true", help="also time decoding (torch's CPU kernels against float32)")
+    c.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        default=None,
+        metavar="ADDRESS",
+        help="run each quantize and evaluate job as a Ray task: on a local cluster, or on the cluster at ADDRESS "
+        "(needs pip install 'lowbit[ray]')",
+    )
+    _add_trust(c)
+    _add_data_args(c)
