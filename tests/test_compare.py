@@ -242,3 +242,19 @@ def test_speed_times_each_checkpoint_against_float32(sweep: Sweep, tmp_path: Pat
         )
     assert (out / "plots" / "decode_speed.png").is_file()
     assert "decode tok/s" in (out / "results.md").read_text()
+
+
+def test_generations_add_rouge_l_against_the_original(sweep: Sweep, tmp_path: Path) -> None:
+    """``--generations`` adds ROUGE-L of both decodings to the rows, the recoveries and the
+    tables, as a new evaluation of the reused checkpoints (its settings differ)."""
+    out = _copy(sweep, tmp_path)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the quick brown fox\nonce upon a time\n")
+    doc = _compare(sweep.world, out, PRESETS, "--generations", str(prompts), "--gen-tokens", "6")
+    assert _jobs(doc) == {"w8a16": ("reused", "computed"), "w4a16-rtn": ("reused", "computed")}
+    for row in doc["rows"]:
+        for key in ("rouge_l", "rouge_l_sampled"):
+            assert 0.0 <= row[key] <= 1.0
+            assert row["recovery"][key] == pytest.approx(100 * row[key])
+        assert "embedding_similarity" not in row  # no embedding model given: left out, never downloaded
+    assert "ROUGE-L greedy" in (out / "results.md").read_text()

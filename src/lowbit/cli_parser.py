@@ -389,6 +389,22 @@ def _add_compare_parser(sub: Any) -> None:
     c.add_argument("--device", default="cpu", help="as for quantize: cpu, cuda, cuda:N or auto (default cpu)")
     c.add_argument("--speed", action="store_true", help="also time decoding (torch's CPU kernels against float32)")
     c.add_argument(
+        "--generations",
+        default=None,
+        metavar="PROMPTS",
+        help="add generation similarity: a .txt (one prompt a line) or .jsonl prompt file, or 'demo' (prompts "
+        "drawn from the evaluation text); ROUGE-L of greedy and sampled continuations against the original's",
+    )
+    c.add_argument(
+        "--gen-tokens", type=_positive_int, default=32, help="new tokens per continuation (default %(default)s)"
+    )
+    c.add_argument(
+        "--embedding-model",
+        default=None,
+        help="sentence-transformers model (local path, or a Hub name already in the local cache) for the embedding "
+        "similarity of generations; without it that score is left out",
+    )
+    c.add_argument(
         "--ray",
         nargs="?",
         const="local",

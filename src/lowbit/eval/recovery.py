@@ -37,7 +37,11 @@ DIRECTIONS: dict[str, str] = {
     "kl": "log_lower",
     "top1_agreement": "higher",
     "rouge_l": "higher",
+    "rouge_l_sampled": "higher",
+    "exact_match": "higher",
+    "exact_match_sampled": "higher",
     "embedding_similarity": "higher",
+    "embedding_similarity_sampled": "higher",
     "accuracy": "higher",
 }
 
@@ -46,7 +50,11 @@ ORIGINAL_VALUES: dict[str, float] = {
     "kl": 0.0,
     "top1_agreement": 1.0,
     "rouge_l": 1.0,
+    "rouge_l_sampled": 1.0,
+    "exact_match": 1.0,
+    "exact_match_sampled": 1.0,
     "embedding_similarity": 1.0,
+    "embedding_similarity_sampled": 1.0,
 }
 
 

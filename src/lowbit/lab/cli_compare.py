@@ -41,6 +41,9 @@ def run_compare(args: argparse.Namespace) -> int:
         ray=args.ray,
         progress=not args.quiet,
         trust_remote_code=args.trust_remote_code,
+        generations=args.generations,
+        gen_tokens=args.gen_tokens,
+        embedding_model=args.embedding_model,
     )
     if args.json:
         print(json.dumps(doc, indent=1))

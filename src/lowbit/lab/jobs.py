@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import socket
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,12 +20,6 @@ import torch
 
 from lowbit.durable import normalized, write_json
 from lowbit.eval.store import checkpoint_id, load_result, model_identity, save_result
-
-# HOOK (issue 15 part 2: generation similarity, ROUGE-L, sentence embeddings): functions called by
-# every evaluate job as fn(quantized_model, original_model, tokenizer, task) -> {metric: value};
-# their metrics join perplexity, KL and top-1 in the stored result, the tables and the recoveries
-# (name them as in lowbit.eval.recovery.DIRECTIONS). The part-2 module appends itself here.
-EXTRA_METRICS: list[Callable[..., dict[str, Any]]] = []
 
 
 @dataclass(frozen=True)
@@ -59,6 +52,11 @@ class EvalTask:
     threads: int
     trust_remote_code: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    # generation similarity (lowbit.eval.similarity): the prompts, new tokens per continuation and
+    # the sentence-embedding model; no prompts, no generations
+    prompts: tuple[str, ...] = ()
+    gen_tokens: int = 32
+    embedding_model: str | None = None
 
 
 def model_fingerprint(spec: str) -> dict[str, Any]:
@@ -148,6 +146,29 @@ def quantize_job(task: QuantizeTask, cache: dict[str, Any] | None = None) -> dic
     return record
 
 
+def generation_metrics(original: Any, model: Any, tokenizer: Any, task: EvalTask) -> dict[str, Any]:
+    """ROUGE-L (and embedding cosine, with an embedding model) of the quantized model's greedy and
+    sampled continuations against the original's, as flat metrics the tables and recoveries read."""
+    from lowbit.eval.similarity import generation_similarity
+
+    sim = generation_similarity(
+        original,
+        model,
+        tokenizer,
+        list(task.prompts),
+        task.gen_tokens,
+        embedding_model=task.embedding_model,
+        progress=False,
+    )
+    out: dict[str, Any] = {}
+    for mode, suffix in (("greedy", ""), ("sampled", "_sampled")):
+        out[f"rouge_l{suffix}"] = sim[mode]["rouge_l"]
+        out[f"exact_match{suffix}"] = sim[mode]["exact_match"]
+        if sim[mode]["embedding_cosine"] is not None:
+            out[f"embedding_similarity{suffix}"] = sim[mode]["embedding_cosine"]
+    return out
+
+
 def evaluate_job(task: EvalTask, cache: dict[str, Any] | None = None) -> dict[str, Any]:
     """Evaluate the checkpoint against the original on ``task.windows`` and store the result in
     the checkpoint; a result already stored for these settings is returned as it is.
@@ -168,7 +189,7 @@ def evaluate_job(task: EvalTask, cache: dict[str, Any] | None = None) -> dict[st
             cache[key] = original
     result = evaluate(model, task.windows, baseline=original, batch_size=task.batch_size, progress=False)
     metrics = result.to_dict()
-    for fn in EXTRA_METRICS:  # HOOK (part 2)
-        metrics.update(fn(model, original, tokenizer, task))
+    if task.prompts:
+        metrics.update(generation_metrics(original, model, tokenizer, task))
     save_result(task.ckpt, task.settings, metrics)
     return {"metrics": metrics, "reused": False, "host": socket.gethostname()}

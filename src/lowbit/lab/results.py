@@ -35,6 +35,12 @@ SPEED_COLUMNS: list[tuple[str, str, str]] = [
     ("kernels_tok_s", "decode tok/s", ".1f"),
     ("kernels_x_fp32", "x fp32", ".2f"),
 ]
+# generation similarity (``--generations``): shown when measured
+GENERATION_COLUMNS: list[tuple[str, str, str]] = [
+    ("rouge_l", "ROUGE-L greedy", ".3f"),
+    ("rouge_l_sampled", "ROUGE-L sampled", ".3f"),
+    ("embedding_similarity", "embedding cos", ".3f"),
+]
 
 
 def needs_data(recipe: Recipe) -> bool:
@@ -149,6 +155,7 @@ def timings(
 def table_rows(doc: dict[str, Any]) -> tuple[list[dict[str, Any]], list[tuple[str, str, str]]]:
     """The original and one row per recipe, with the columns to show (speed only when measured)."""
     columns = COLUMNS + (SPEED_COLUMNS if doc["timings"].get("speed") else [])
+    columns += [c for c in GENERATION_COLUMNS if any(row.get(c[0]) is not None for row in doc["rows"])]
     base = doc["original"]
     out = [{"name": "original", "scheme": "float", "perplexity": base.get("perplexity"), "perplexity_recovery": 100.0}]
     for row in doc["rows"]:

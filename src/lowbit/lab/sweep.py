@@ -18,6 +18,7 @@ executor, paths).
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -73,6 +74,19 @@ def _check_available() -> None:
         ) from None
 
 
+def _prompts(generations: str | None, eval_source: str) -> list[str]:
+    """The generation prompts: none, those of a file, or ``demo``'s drawn from the evaluation text."""
+    from lowbit.eval.similarity import default_prompts, load_prompts
+
+    if not generations:
+        return []
+    return default_prompts(eval_source) if generations == "demo" else load_prompts(generations)
+
+
+def _sha256_lines(lines: list[str]) -> str:
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
 def compare(
     model: str,
     presets: Sequence[str] = (),
@@ -95,13 +109,19 @@ def compare(
     ray: str | None = None,
     progress: bool = True,
     trust_remote_code: bool = False,
+    generations: str | None = None,
+    gen_tokens: int = 32,
+    embedding_model: str | None = None,
 ) -> dict[str, Any]:
     """Compare ``presets`` and ``recipes`` (YAML files) on ``model``; returns ``results.json``'s content.
 
     ``ray``: None runs the jobs in this process; ``"local"`` on a local Ray cluster; an address
     (``ray://host:10001``, ``host:6379``) on that cluster. ``speed`` adds decode tokens/s (torch's
     CPU kernels against float32, measured in one run per checkpoint). ``group_size`` regroups the
-    recipes whose weights are in groups (the demo's 576-wide layers need 64 or 32)."""
+    recipes whose weights are in groups (the demo's 576-wide layers need 64 or 32).
+    ``generations``: a prompt file (``.txt``, ``.jsonl``) or ``demo`` (prompts drawn from the
+    evaluation text) adds generation similarity (ROUGE-L of greedy and sampled continuations of
+    ``gen_tokens`` tokens; sentence-embedding cosine with ``embedding_model``)."""
     from lowbit import preflight
     from lowbit.data import calibration_samples
     from lowbit.data import eval_windows as make_windows
@@ -138,14 +158,32 @@ def compare(
                 "trust_remote_code": trust_remote_code,
             }
             q_tasks = [_quantize_task(r, out, calib_ids, options, common) for r in chosen]
-            settings = eval_settings(eval_source, windows, model, batch_size)
+            prompts = _prompts(generations, eval_source)
+            gen = {
+                "prompts_sha256": _sha256_lines(prompts),
+                "gen_tokens": gen_tokens,
+                "embedding_model": embedding_model,
+            }
+            settings = eval_settings(eval_source, windows, model, batch_size, gen if prompts else None)
             bar = tqdm(total=2 * len(chosen), desc="compare", unit="job", disable=not progress)
             model_bytes = sum(p.numel() * 4 for p in skeleton.parameters())
             n_blocks = getattr(skeleton.config, "num_hidden_layers", 1) or 1
             try:
                 q_records = _quantize_all(executor, q_tasks, bar, quantize_memory(model_bytes, n_blocks))
                 e_tasks = [
-                    jobs.EvalTask(t.name, model, t.ckpt, windows, settings, batch_size, threads, trust_remote_code)
+                    jobs.EvalTask(
+                        t.name,
+                        model,
+                        t.ckpt,
+                        windows,
+                        settings,
+                        batch_size,
+                        threads,
+                        trust_remote_code,
+                        prompts=tuple(prompts),
+                        gen_tokens=gen_tokens,
+                        embedding_model=embedding_model,
+                    )
                     for t in q_tasks
                 ]
                 evals = _evaluate_all(executor, e_tasks, bar, eval_memory(model_bytes))
