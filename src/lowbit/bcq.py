@@ -148,8 +148,8 @@ def greedy_init(w: torch.Tensor, d: torch.Tensor, bits: int) -> tuple[torch.Tens
     dsum = d.sum(1).clamp_min(torch.finfo(d.dtype).tiny)
     z = (w * d).sum(1) / dsum
     r = w - z[:, None]
-    alpha = torch.zeros(w.shape[0], bits, dtype=w.dtype)
-    codes = torch.zeros(w.shape, dtype=torch.int64)
+    alpha = torch.zeros(w.shape[0], bits, dtype=w.dtype, device=w.device)
+    codes = torch.zeros(w.shape, dtype=torch.int64, device=w.device)
     for i in reversed(range(bits)):
         a = (r.abs() * d).sum(1) / dsum
         pos = r >= 0
@@ -166,15 +166,15 @@ def best_codes(
     """The code of each weight whose value is nearest: w (R, g), alpha (R, q), z (R,) -> (R, g) int64.
 
     Every one of the ``2^q`` patterns is a candidate: the values are sorted and each weight's
-    nearest one found by bisection on the midpoints. With ``current`` (R, g), a weight keeps its
+    nearest one is found by bisection on the midpoints. With ``current`` (R, g), a weight keeps its
     code where the new one is not strictly nearer (a midpoint rounded in float can misplace a
     weight that lies on it), so the error never rises. A positive per-column weight in the error
     does not change a weight's best code.
     """
     values = code_values(alpha, z)  # (R, 2^q)
     ordered, order = values.sort(dim=1)
-    mids = (ordered[:, 1:] + ordered[:, :-1]) / 2
-    rank = torch.searchsorted(mids.contiguous(), w.contiguous())
+    mids = (ordered[:, 1:] + ordered[:, :-1]) / 2  # (R, 2^q - 1)
+    rank = torch.searchsorted(mids.contiguous(), w.contiguous())  # (R, g): the midpoints below each weight
     codes = torch.gather(order, 1, rank)
     if current is not None:
         current = current.to(torch.int64)
@@ -190,15 +190,23 @@ def least_squares(
     """The alphas and offset minimising ``sum d (w - sum alpha_i b_i - z)^2`` given the codes.
 
     w, d (R, g), codes (R, g) -> alpha (R, q), z (R,) in w's dtype. The normal equations
-    ``A^T D A theta = A^T D w`` (A = [b_0 .. b_{q-1}, 1]; products in w's dtype, the solve in
-    float64); a singular group (a plane constant over the group, two equal planes) is solved with
-    the pseudo-inverse, which still gives a least-squares minimiser.
+    ``A^T D A theta = A^T D w`` (A = [b_0 .. b_{q-1}, 1]) are built in float64 from each code's
+    sums and solved in float64; a singular group (a plane constant over the group, two equal
+    planes) is solved with the pseudo-inverse, which still gives a least-squares minimiser.
     """
-    planes = code_planes(codes, bits).to(w.dtype)  # (R, g, q)
-    a = torch.cat([planes, torch.ones_like(planes[..., :1])], dim=2)  # (R, g, q+1)
-    ad = a * d[..., None]
-    m = (ad.transpose(1, 2) @ a).to(torch.float64)  # (R, q+1, q+1)
-    v = (ad.transpose(1, 2) @ w[..., None]).to(torch.float64)  # (R, q+1, 1)
+    # the system only depends on each code's total weight and weighted sum of w: one pass over
+    # the weights, then (R, 2^q) x (2^q, .) products
+    n_codes = 2**bits
+    idx = codes.to(torch.int64)
+    count = torch.zeros(w.shape[0], n_codes, dtype=torch.float64, device=w.device)
+    total = torch.zeros_like(count)
+    count.scatter_add_(1, idx, d.to(torch.float64))
+    total.scatter_add_(1, idx, (d * w).to(torch.float64))
+    signs = code_planes(torch.arange(n_codes, device=w.device), bits).to(torch.float64)  # (2^q, q)
+    a = torch.cat([signs, torch.ones(n_codes, 1, dtype=torch.float64, device=w.device)], dim=1)  # (2^q, q+1)
+    outer = (a[:, :, None] * a[:, None, :]).reshape(n_codes, -1)  # (2^q, (q+1)^2)
+    m = (count @ outer).reshape(-1, bits + 1, bits + 1)
+    v = (total @ a)[..., None]  # (R, q+1, 1)
     theta, info = torch.linalg.solve_ex(m, v)
     bad = (info != 0) | ~torch.isfinite(theta).all(dim=(1, 2))
     if bool(bad.any()):  # singular groups: the pseudo-inverse gives a least-squares minimiser
@@ -238,7 +246,7 @@ def fit_bcq(
     if not torch.isfinite(w).all():
         raise LowbitError("the weight contains NaN or inf; the model file is damaged or was trained unstably")
     if col_weight is None:
-        cw = torch.ones(inp)
+        cw = torch.ones(inp, device=w.device)
     else:
         cw = col_weight.detach().to(torch.float32).flatten()
         if cw.numel() != inp or not torch.isfinite(cw).all() or bool((cw < 0).any()):

@@ -55,8 +55,8 @@ def lut_keys(codes: torch.Tensor, bits: int, mu: int) -> torch.Tensor:
     """
     out, inp = codes.shape
     chunks = codes.to(torch.int64).reshape(out, inp // mu, mu)
-    weights = 2 ** torch.arange(mu, dtype=torch.int64)
-    base = torch.arange(inp // mu, dtype=torch.int64) * 2**mu
+    weights = 2 ** torch.arange(mu, dtype=torch.int64, device=codes.device)
+    base = torch.arange(inp // mu, dtype=torch.int64, device=codes.device) * 2**mu
     keys = [(((chunks >> i) & 1) * weights).sum(dim=2) + base for i in range(bits)]
     return torch.stack(keys)
 
