@@ -84,8 +84,8 @@ def main() -> int:
         f"batch 1, BCQ {args.bits}-bit, groups of {args.group_size}, mu {args.mu}, {args.threads} thread(s), "
         f"best of {args.repeat}"
     )
-    header = f"{'shape':>11} {'lut us':>9} {'dequant us':>11} {'fp32 us':>9} {'dequant/lut':>12} {'fp32/lut':>9} {'max diff':>9}"
-    print(header)
+    names = (("shape", 11), ("lut us", 9), ("dequant us", 11), ("fp32 us", 9), ("dequant/lut", 12), ("fp32/lut", 9))
+    print(" ".join(f"{n:>{k}}" for n, k in names), f"{'max diff':>9}")
     for out, inp in SHAPES:
         r = measure(out, inp, args.bits, args.mu, args.group_size, args.repeat)
         print(

@@ -24,9 +24,11 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.packing import pack_bits, packed_nbytes, unpack_bits
+from lowbit.qweight import quantize_weight
 from lowbit.scheme import QuantSpec
 
 MAX_BITS = 4  # the paper's 1..4 bits; 2^q candidates per weight in the code step
+INITS = ("greedy", "uniform", "best")
 
 
 @dataclass
@@ -215,6 +217,21 @@ def least_squares(
     return theta[:, :bits].to(w.dtype), theta[:, bits].to(w.dtype)
 
 
+def uniform_init(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A start on the uniform grid RTN would use (asymmetric, MSE-clipped ranges as the presets'
+    ``w{b}a16``), written exactly as BCQ: w (out, in) -> codes (R, g), alpha (R, q), z (R,)."""
+    if bits < 2:
+        raise LowbitError("the uniform start needs 2 to 4 bits (there is no 1-bit grid); use init 'greedy'")
+    mse = {"maxshrink": 0.2}
+    spec = QuantSpec(
+        f"uint{bits}", "group", group_size, False, scale_dtype="float16", observer="mse", observer_args=mse
+    )
+    qw = quantize_weight(w, spec)
+    scale = qw.scale.to(w.dtype).reshape(-1)
+    alpha, z = uniform_to_bcq(scale, -scale * qw.zero_point.to(w.dtype).reshape(-1), bits)
+    return _grouped(qw.codes.to(torch.int64), group_size), alpha, z
+
+
 def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
     out, inp = w.shape
     return w.reshape(out, inp // group_size, group_size).reshape(-1, group_size)
@@ -226,6 +243,7 @@ def fit_bcq(
     group_size: int,
     rounds: int = 10,
     col_weight: torch.Tensor | None = None,
+    init: str = "greedy",
 ) -> BCQFit:
     """Fit biased BCQ to ``w`` (out, in): greedy start, then ``rounds`` of alternating least squares.
 
@@ -233,9 +251,13 @@ def fit_bcq(
     activation-aware variant passes ``diag(H)``). Each round's least-squares step is kept for a
     (row, group) only where it does not raise that group's error (the pseudo-inverse of an
     ill-conditioned system can, by rounding), and the code step never does, so ``errors`` never
-    increases.
+    increases. ``init``: ``greedy`` (the paper's start), ``uniform`` (the MSE-clipped uniform
+    grid, :func:`uniform_init`: the rounds can then only lower RTN's error) or ``best`` (per row
+    and group the start with the lower error).
     """
     check_bits(bits)
+    if init not in INITS:
+        raise LowbitError(f"init must be one of {', '.join(INITS)}, got {init!r}")
     if w.dim() != 2:
         raise LowbitError(f"expected a 2-D weight (out, in), got shape {tuple(w.shape)}")
     out, inp = w.shape
@@ -253,8 +275,17 @@ def fit_bcq(
             raise LowbitError(f"col_weight must be {inp} finite non-negative numbers (one per input column)")
     wg = _grouped(w, group_size)
     d = cw.reshape(1, -1, group_size).expand(out, -1, -1).reshape(-1, group_size).contiguous()
-    codes, alpha, z = greedy_init(wg, d, bits)
+    if init == "uniform":
+        codes, alpha, z = uniform_init(w, bits, group_size)
+    else:
+        codes, alpha, z = greedy_init(wg, d, bits)
     err = _row_errors(wg, d, codes, alpha, z)
+    if init == "best":  # per (row, group) the better of the two starts
+        u_codes, u_alpha, u_z = uniform_init(w, bits, group_size)
+        u_err = _row_errors(wg, d, u_codes, u_alpha, u_z)
+        take = u_err < err
+        codes = torch.where(take[:, None], u_codes, codes)
+        alpha, z, err = torch.where(take[:, None], u_alpha, alpha), torch.where(take, u_z, z), torch.minimum(u_err, err)
     errors = [float(err.sum())]
     for _ in range(rounds):
         new_alpha, new_z = least_squares(wg, d, codes, bits)
