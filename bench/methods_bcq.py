@@ -1,6 +1,6 @@
 """LUT-GEMM's BCQ against RTN and GPTQ at the same bits and group, on the demo model.
 
-    python bench/methods_bcq.py [--quick]
+    python bench/methods_bcq.py [--quick] [--bits 3,2]
 
 Every variant quantizes the demo model (SmolLM2-135M-Instruct) in groups of 64 (128 does not
 divide its 576-wide layers) and is evaluated on the same held-out Shakespeare windows against
@@ -35,10 +35,10 @@ from lowbit.scheme import Recipe, Step, with_group_size
 GROUP = 64
 
 
-def variants(quick: bool) -> list[tuple[str, str, str, Recipe]]:
+def variants(quick: bool, bits_list: tuple[int, ...] | None = None) -> list[tuple[str, str, str, Recipe]]:
     """(method, variant, baseline_of, recipe) for each run."""
     out = []
-    for bits in (3,) if quick else (3, 2):
+    for bits in bits_list or ((3,) if quick else (3, 2)):
         grid = with_group_size(get_preset(f"w{bits}a16"), GROUP)
         rtn = dataclasses.replace(grid, steps=(Step("rtn"),), name=f"w{bits}a16-g{GROUP}-rtn")
         bcq = get_preset(f"w{bits}a16-bcq")
@@ -64,13 +64,13 @@ def _extra(report: Any, seconds: float) -> str:
     return f"{fit}quantize {seconds:.0f}s"
 
 
-def rows(quick: bool) -> list[dict[str, Any]]:
+def rows(quick: bool, bits: tuple[int, ...] | None = None) -> list[dict[str, Any]]:
     samples, windows_n = (8, 4) if quick else (32, 16)
     original, tok = api.load_model("demo")
     calib = api.calibration_samples(tok, "demo", n_samples=samples, seq_len=512, seed=0)
     windows = api.eval_windows(tok, "demo", seq_len=512, n_windows=windows_n)
     out = []
-    for method, variant, baseline_of, recipe in variants(quick):
+    for method, variant, baseline_of, recipe in variants(quick, bits):
         model = copy.deepcopy(original)
         start = time.perf_counter()
         report = api.quantize(model, recipe, calib, progress=False)
@@ -110,8 +110,9 @@ COLUMNS = [
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--bits", default=None, help="comma-separated bit widths (default: 3 with --quick, else 3,2)")
     args = ap.parse_args()
-    table = rows(args.quick)
+    table = rows(args.quick, tuple(int(b) for b in args.bits.split(",")) if args.bits else None)
     samples, windows_n = (8, 4) if args.quick else (32, 16)
     print(
         f"\nSmolLM2-135M-Instruct, {samples} x 512 calibration tokens, {windows_n} x 512 held-out tokens, "
