@@ -1,6 +1,6 @@
 """LUT-GEMM's BCQ against RTN and GPTQ at the same bits and group, on the demo model.
 
-    python bench/methods_bcq.py [--quick] [--bits 3,2]
+    python bench/methods_bcq.py [--quick] [--bits 3,2] [--only BCQ]
 
 Every variant quantizes the demo model (SmolLM2-135M-Instruct) in groups of 64 (128 does not
 divide its 576-wide layers) and is evaluated on the same held-out Shakespeare windows against
@@ -64,13 +64,15 @@ def _extra(report: Any, seconds: float) -> str:
     return f"{fit}quantize {seconds:.0f}s"
 
 
-def rows(quick: bool, bits: tuple[int, ...] | None = None) -> list[dict[str, Any]]:
+def rows(quick: bool, bits: tuple[int, ...] | None = None, only: str = "") -> list[dict[str, Any]]:
     samples, windows_n = (8, 4) if quick else (32, 16)
     original, tok = api.load_model("demo")
     calib = api.calibration_samples(tok, "demo", n_samples=samples, seq_len=512, seed=0)
     windows = api.eval_windows(tok, "demo", seq_len=512, n_windows=windows_n)
     out = []
     for method, variant, baseline_of, recipe in variants(quick, bits):
+        if only and not variant.startswith(only):
+            continue
         model = copy.deepcopy(original)
         start = time.perf_counter()
         report = api.quantize(model, recipe, calib, progress=False)
@@ -111,8 +113,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--bits", default=None, help="comma-separated bit widths (default: 3 with --quick, else 3,2)")
+    ap.add_argument("--only", default="", help="run only the variants whose name starts with this (e.g. BCQ)")
     args = ap.parse_args()
-    table = rows(args.quick, tuple(int(b) for b in args.bits.split(",")) if args.bits else None)
+    table = rows(args.quick, tuple(int(b) for b in args.bits.split(",")) if args.bits else None, args.only)
     samples, windows_n = (8, 4) if args.quick else (32, 16)
     print(
         f"\nSmolLM2-135M-Instruct, {samples} x 512 calibration tokens, {windows_n} x 512 held-out tokens, "
