@@ -163,6 +163,10 @@ def bits_per_weight(model: nn.Module) -> float | None:
             n = m.in_features * m.out_features
             total_bits += m.qweight.bits_per_weight() * n
             total += n
+        elif isinstance(m, QuantLinear) and m.bcq is not None:  # BCQ binary codes (LUT-GEMM)
+            n = m.in_features * m.out_features
+            total_bits += m.bcq.bits_per_weight() * n
+            total += n
     return total_bits / total if total else None
 
 

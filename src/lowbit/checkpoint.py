@@ -13,7 +13,9 @@ quantized linear ``NAME``:
 - ``NAME.weight_scale`` (out, G) in the scale dtype; ``NAME.weight_zero_point`` (out, G) int32
   for asymmetric specs; ``NAME.weight_g_idx`` (in,) int64 only when columns were regrouped;
 - ``NAME.input_scale`` / ``NAME.input_zero_point`` for static activation quantization;
-- ``ATTN.k_scale`` / ``k_zero_point`` / ``v_scale`` / ``v_zero_point`` for a static KV cache.
+- ``ATTN.k_scale`` / ``k_zero_point`` / ``v_scale`` / ``v_zero_point`` for a static KV cache;
+- BCQ weights (LUT-GEMM; the layer entry says ``"representation": "bcq"``): ``NAME.weight_bcq_packed``,
+  ``NAME.weight_bcq_alpha``, ``NAME.weight_bcq_offset`` (``lowbit.bcq.bcq_tensors``).
 
 Every other tensor keeps its state-dict name. ``block_tensors`` gives one decoder block's tensors
 and layer entries (what the block runner hands the sink); ``save_quantized`` writes an in-memory
@@ -38,6 +40,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from lowbit.archs import decoder_blocks, get_arch
+from lowbit.bcq import BCQWeight, bcq_tensors, load_bcq
 from lowbit.errors import LowbitError
 from lowbit.kvcache import KVQuantizer, attach_kv_quantizers
 from lowbit.models import no_remote_code
@@ -192,7 +195,10 @@ def _module_tensors(
                 "dtype": str(module.weight.dtype).removeprefix("torch."),
                 "weights": None,
             }
-            if module.qweight is not None:
+            if module.bcq is not None:  # BCQ binary codes (LUT-GEMM): their own tensors
+                tensors.update(bcq_tensors(name, module.bcq))
+                entry["weights"], entry["representation"] = to_dict(module.bcq.spec), "bcq"
+            elif module.qweight is not None:
                 tensors.update(_qweight_tensors(name, module.qweight))
                 entry["weights"] = to_dict(module.qweight.spec)
                 if module.qweight.n_outlier_columns:
@@ -327,7 +333,11 @@ def load_quantized(
                 )
             wspec = spec_from_dict(entry["weights"], f"{name}.weights")
             aspec = spec_from_dict(entry["input_activations"], f"{name}.input_activations")
-            qw = _load_qweight(name, entry["shape"], wspec, tensors) if wspec else None
+            qw: QuantizedWeight | BCQWeight | None = None
+            if wspec is not None and entry.get("representation") == "bcq":
+                qw = load_bcq(name, entry["shape"], wspec, tensors)
+            elif wspec is not None:
+                qw = _load_qweight(name, entry["shape"], wspec, tensors)
             act = ActQuantizer(aspec) if aspec else None
             if act is not None and f"{name}.input_scale" in tensors:
                 act.set_qparams(tensors.pop(f"{name}.input_scale"), tensors.pop(f"{name}.input_zero_point"))

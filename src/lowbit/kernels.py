@@ -315,6 +315,8 @@ def kernel_mismatch(layer: nn.Module, reference: QuantLinear, dtype: torch.dtype
 def kernel_plan(module: QuantLinear) -> tuple[str, str]:
     """("int4" | "int8" | "kept", reason) for one QuantLinear."""
     qw = module.qweight
+    if module.bcq is not None:
+        return "kept", "BCQ binary codes: no torch kernel; lowbit.lutgemm.use_lutgemm runs LUT-GEMM's reference"
     if qw is None:
         return "kept", "float weight (only its activations are quantized)"
     if module.act is not None:

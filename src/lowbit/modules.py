@@ -8,10 +8,13 @@ LLM.int8()'s float outlier dimensions).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit.bcq import BCQWeight
 from lowbit.clusters import channel_clusters, cluster_ranges
 from lowbit.olive import olive_dynamic_fake_quantize, olive_grid
 from lowbit.primitives import fake_quantize, per_token_fake_quantize, qparams
@@ -157,10 +160,14 @@ class QuantLinear(nn.Module):
 
     weight: torch.Tensor
     bias: torch.Tensor | None
+    # BCQ binary codes (LUT-GEMM) are not a QuantizedWeight grid: such a layer has ``qweight``
+    # None and its weight in ``bcq``; ``lut`` (lowbit.lutgemm.use_lutgemm) replaces F.linear
+    bcq: BCQWeight | None = None
+    lut: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __init__(
         self,
-        qweight: QuantizedWeight | None,
+        qweight: QuantizedWeight | BCQWeight | None,
         bias: torch.Tensor | None,
         act: ActQuantizer | None = None,
         float_weight: torch.Tensor | None = None,
@@ -175,21 +182,29 @@ class QuantLinear(nn.Module):
         else:
             raise ValueError("QuantLinear needs a quantized or a float weight")
         self.out_features, self.in_features = weight.shape
+        if isinstance(qweight, BCQWeight):
+            self.bcq, qweight = qweight, None
         self.qweight = qweight
         self.register_buffer("weight", weight)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.act = act
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, qweight: QuantizedWeight | None, act: ActQuantizer | None) -> QuantLinear:
+    def from_linear(
+        cls, linear: nn.Linear, qweight: QuantizedWeight | BCQWeight | None, act: ActQuantizer | None
+    ) -> QuantLinear:
         return cls(qweight, linear.bias, act, float_weight=linear.weight, dtype=linear.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act is not None:
             x = self.act(x)
+        if self.lut is not None:
+            y = self.lut(x).to(x.dtype)
+            return y if self.bias is None else y + self.bias
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         act = f", act={self.act.spec.describe()}" if self.act is not None else ""
         w = self.qweight.spec.describe() if self.qweight is not None else "float"
+        w = self.bcq.describe() if self.bcq is not None else w
         return f"in={self.in_features}, out={self.out_features}, w={w}{act}"

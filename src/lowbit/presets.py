@@ -191,6 +191,22 @@ PRESETS.update(
         ),
     }
 )
+# LUT-GEMM's binary-coding quantization: groups of 64 (128 does not divide the demo's 576-wide
+# layers); the uint format only names the bit count, the weights are BCQ binary codes with fp16
+# alphas and offset per group (lowbit.bcq), not a uniform grid
+_BCQ = (Step("bcq", {"rounds": 10, "init": "best"}),)
+PRESETS["w3a16-bcq"] = Preset(
+    "LUT-GEMM BCQ: 3 binary planes, groups of 64, fp16 alphas and offset (about 4 bits/weight); "
+    "runs in lowbit (eval, LUT-GEMM), no export format holds it",
+    Scheme(weights=_g("uint3", 64, False, observer="minmax")),
+    _BCQ,
+)
+PRESETS["w2a16-bcq"] = Preset(
+    "LUT-GEMM BCQ: 2 binary planes, groups of 64, fp16 alphas and offset (about 2.75 bits/weight); "
+    "runs in lowbit (eval, LUT-GEMM), no export format holds it",
+    Scheme(weights=_g("uint2", 64, False, observer="minmax")),
+    _BCQ,
+)
 
 DEFAULT_PRESET = "w4a16"
 

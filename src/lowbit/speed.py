@@ -77,6 +77,8 @@ def resident_bytes(model: nn.Module) -> int:
             qw = m.qweight
             tensors += [qw.codes, qw.scale, qw.zero_point, qw.g_idx]
             tensors += [t for t in (qw.outlier_idx, qw.outlier_weight) if t is not None]
+        if isinstance(m, QuantLinear) and m.bcq is not None:  # BCQ binary codes (LUT-GEMM)
+            tensors += [m.bcq.codes, m.bcq.alpha, m.bcq.offset]
     for t in tensors:
         seen[t.data_ptr()] = _nbytes(t)
     return sum(seen.values())

@@ -139,6 +139,8 @@ def _row(ctx: BlockContext, name: str, rel_error: float) -> LayerReport:
         rel_error=rel_error,
         bits_per_weight=module.qweight.bits_per_weight()
         if module.qweight is not None
+        else module.bcq.bits_per_weight()
+        if module.bcq is not None
         else module.weight.element_size() * 8.0,
         extra=extra,
         outlier_dims=outlier_dims,

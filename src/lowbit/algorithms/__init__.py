@@ -6,6 +6,7 @@ Importing this package registers every built-in algorithm.
 from __future__ import annotations
 
 from lowbit.algorithms import awq as awq  # registers "awq"
+from lowbit.algorithms import bcq as bcq  # registers "bcq", "bcq_aware"
 from lowbit.algorithms import gptq, rtn
 from lowbit.algorithms import mofq as mofq  # registers "mofq"
 from lowbit.algorithms import olive as olive  # registers "olive"

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lowbit.archs import Arch
+from lowbit.bcq import BCQWeight
 from lowbit.errors import LowbitError
 from lowbit.hooks import StopForward, forward_hooks, forward_pre_hooks
 from lowbit.qweight import QuantizedWeight
@@ -41,7 +42,7 @@ class BlockContext:
     inputs: Sequence[tuple[torch.Tensor, dict[str, Any]]]
     targets: dict[str, nn.Linear]
     specs: dict[str, tuple[QuantSpec | None, QuantSpec | None]]
-    qweights: dict[str, QuantizedWeight] = field(default_factory=dict)
+    qweights: dict[str, QuantizedWeight | BCQWeight] = field(default_factory=dict)
     stats: dict[str, dict[str, float]] = field(default_factory=dict)
     passes: int = 0  # passes over the calibration inputs made so far (whole or stopped early)
     # per-cluster activation quantization (RPTQ): target name -> its input channels' cluster (in,)

@@ -22,7 +22,7 @@ from lowbit.algorithms.base import Algorithm, BlockContext, register
 from lowbit.errors import LowbitError
 from lowbit.fpcast import fp8_weight
 from lowbit.lorc import lorc_factors
-from lowbit.qweight import quantize_weight
+from lowbit.qweight import QuantizedWeight, quantize_weight
 
 
 @register("zqfp", kind="quantizer")
@@ -69,7 +69,10 @@ class LoRC(Algorithm):
         if not quantized and any(w is not None for w, _ in ctx.specs.values()):
             raise LowbitError("the lorc step compensates quantized weights: put it after a quantizer (rtn, zqfp, gptq)")
         for name in quantized:
-            qw = dataclasses.replace(ctx.qweights[name], lorc_u=None, lorc_v=None)
+            current = ctx.qweights[name]
+            if not isinstance(current, QuantizedWeight):
+                raise LowbitError(f"{ctx.prefix}.{name}: lorc compensates grid weights, not {type(current).__name__}")
+            qw = dataclasses.replace(current, lorc_u=None, lorc_v=None)
             w = ctx.targets[name].weight.detach().to(torch.float32)
             error = w - qw.dequantize().to(w.device)
             u, v = lorc_factors(error, self.rank)

@@ -18,7 +18,15 @@ from typing import Any
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.export.base import Exporter, ExportResult, check_options, refusal, representation_problems
+from lowbit.export.base import (
+    Exporter,
+    ExportResult,
+    Problem,
+    check_options,
+    quantized_linears,
+    refusal,
+    representation_problems,
+)
 from lowbit.outdir import atomic_dir, check_free
 from lowbit.verify import check_model
 
@@ -49,6 +57,23 @@ def get_exporter(fmt: str) -> Exporter:
     return exporter
 
 
+BCQ_HINT = (
+    "BCQ checkpoints run in lowbit itself (eval, run; lowbit.lutgemm for LUT-GEMM); to export, quantize "
+    "with a grid method at the same bits instead (e.g. --preset w3a16)"
+)
+
+
+def bcq_problems(model: nn.Module) -> list[Problem]:
+    """Layers with BCQ binary codes (LUT-GEMM): no export format stores them (not as a grid of
+    scale and zero point, nor as a table lookup), so every exporter refuses them here rather
+    than write the dequantized float weight in their place."""
+    return [
+        Problem(name, "weights representation", f"{m.bcq.describe()}; no {'/'.join(EXPORTERS)} layout holds them")
+        for name, m in quantized_linears(model)
+        if m.bcq is not None
+    ]
+
+
 def export_model(
     model: nn.Module,
     tokenizer: Any,
@@ -71,6 +96,9 @@ def export_model(
         check_model(model)
     except LowbitError as e:
         raise LowbitError(f"cannot export to {fmt}: {e}; nothing was written") from None
+    bcq = bcq_problems(model)
+    if bcq:
+        raise refusal(fmt, bcq, BCQ_HINT)
     # Olive pairs and LoRC factors first: the exporters' own checks read codes as plain grid values
     problems = representation_problems(model) or exporter.check(model, options)
     if problems:
