@@ -189,14 +189,14 @@ class MiniBatches:
         t = self.tokens
         return hidden[:, :t], _cut(kwargs, self.length, t), target[:, :t]
 
-    def backward(self, indices: Sequence[int]) -> float:
-        """Add the gradients of the mean loss over ``indices``; returns that loss (float)."""
+    def backward(self, indices: Sequence[int], scale: float = 1.0) -> float:
+        """Add the gradients of ``scale`` times the mean loss over ``indices``; returns that (float)."""
         total = 0.0
         for i in indices:
             hidden, kwargs, target = self.get(i)
             with autocast(hidden.device):
                 out = self.ctx.block(hidden, **kwargs)
-            loss = block_loss(out, target) / len(indices)
+            loss = block_loss(out, target) * (scale / len(indices))
             if not torch.isfinite(loss):
                 raise FloatingPointError("reconstruction loss is not finite")
             loss.backward()

@@ -7,7 +7,7 @@ Per weight an offset ``V`` in [-0.5, 0.5] (start 0) and per group two clipping f
 
 with ``round`` straight-through. ``(lo, hi)`` is the range that reproduces the quantizer's grid
 (``rounding.grid_range``), so the start (``V = 0``, factors 1) is that quantizer's grid rounded
-to nearest: on an RTN grid exactly RTN, on GPTQ's grid its scales with RTN's rounding of the
+to nearest: on an RTN grid RTN (a float32 scale may differ in its last bit), on GPTQ's grid its scales with RTN's rounding of the
 float weights (GPTQ's own codes are not a point of this parameterisation). The loss is the block
 output's reconstruction error against the float block (``reconstruction.py``); every step moves
 each parameter by ``lr`` against the sign of its gradient (signed gradient descent, ``lr = 1 /
@@ -141,15 +141,32 @@ class SignRound(Algorithm):
         if not names:
             return
         start = time.perf_counter()
+        initial = {n: ctx.qweights[n] for n in names}
+        learners, stats = self._fit(ctx, names)
+        if not stats["recon_loss_end"] <= stats["recon_loss_start"]:  # NaN too: keep the quantizer's
+            stats["recon_reverted"] = 1.0
+        else:
+            for n, learner in learners.items():
+                ctx.qweights[n] = learner.result()
+                changed = ctx.qweights[n].codes != initial[n].codes
+                ctx.stats.setdefault(n, {})["recon_flipped"] = float(changed.float().mean())
+        stats["recon_seconds"] = time.perf_counter() - start
+        record(ctx, names, stats)
+
+    def fit(self, ctx: BlockContext) -> dict[str, SignRounding]:
+        """Train on ``ctx`` and return each target's learner, holding the best parameters seen
+        (``ctx.qweights`` untouched)."""
+        return self._fit(ctx, check_trainable(ctx, "signround"))[0]
+
+    def _fit(self, ctx: BlockContext, names: list[str]) -> tuple[dict[str, SignRounding], dict[str, float]]:
         learners = {n: SignRounding(ctx.targets[n].weight.detach().float(), ctx.qweights[n]) for n in names}
         acts = activation_quantizers(ctx)
-        initial = {n: ctx.qweights[n] for n in names}
         layers = {
             n: StudentLayer(lin, learners[n].weight if n in learners else _frozen(lin), acts.get(n))
             for n, lin in ctx.targets.items()
         }
         given = {
-            n: StudentLayer(lin, _fixed(initial[n], lin) if n in initial else _frozen(lin), acts.get(n))
+            n: StudentLayer(lin, _fixed(ctx.qweights[n], lin) if n in learners else _frozen(lin), acts.get(n))
             for n, lin in ctx.targets.items()
         }
         lr = self.lr if self.lr is not None else 1.0 / max(self.iters, 1)
@@ -180,15 +197,7 @@ class SignRound(Algorithm):
                 learner.restore(best[n])
             loss_end = batches.loss(report)
         stats = {"recon_loss_start": loss_start, "recon_loss_end": loss_end, "recon_best_batch_loss": best_loss}
-        if not loss_end <= loss_start:
-            stats["recon_reverted"] = 1.0
-        else:
-            for n, learner in learners.items():
-                ctx.qweights[n] = learner.result()
-                changed = ctx.qweights[n].codes != initial[n].codes
-                ctx.stats.setdefault(n, {})["recon_flipped"] = float(changed.float().mean())
-        stats["recon_seconds"] = time.perf_counter() - start
-        record(ctx, names, stats)
+        return learners, stats
 
 
 def _frozen(linear: torch.nn.Linear):  # type: ignore[no-untyped-def]
