@@ -135,7 +135,8 @@ def test_layer_rounding_beats_rtn_and_gptq_on_correlated_inputs() -> None:
     assert float(gram_loss(w, grams)(learned.dequantize())) == pytest.approx(float(plain), rel=1e-3)
 
 
-def _run(steps: tuple[Step, ...], scheme: Scheme = Scheme(weights=W4)) -> tuple[torch.nn.Module, list[float], dict]:
+def _run(steps: tuple[Step, ...], scheme: Scheme | None = None) -> tuple[torch.nn.Module, list[float], dict]:
+    scheme = scheme or Scheme(weights=W4)
     model = tiny_llama()
     report = quantize_model(model, Recipe(scheme, steps, "x"), token_ids(8, 32), batch_size=4, progress=False)
     return model, report.block_errors, {r.name: r.extra for r in report.layers}
@@ -162,8 +163,9 @@ def test_pipeline_learned_rounding_lowers_the_block_error() -> None:
     assert sum(learned) < sum(errors), (learned, errors)
     assert any(e.get("recon_flipped", 0) > 0 for e in extra.values())
     _, block, extra = _run((*gptq, Step("adaround", {"iters": 40})))
+    assert sum(block) < sum(errors), (block, errors)
     for e in extra.values():  # the block target never keeps a worse result on its report batches
-        assert e["recon_loss_end"] <= e["recon_loss_start"] or e.get("recon_reverted") == 1.0
+        assert e["recon_loss_end"] <= e["recon_loss_start"]
 
 
 def test_w4a8_fake_quantizes_activations_during_reconstruction() -> None:
@@ -189,7 +191,9 @@ def test_bad_parameters_and_recipes_are_refused() -> None:
 def test_presets_save_and_load(preset: str, tmp_path: Path) -> None:
     recipe = get_preset(preset)
     # the preset's scheme and steps, fewer iterations (a tiny model, a fast test), groups of 32
-    steps = tuple(Step(s.name, {**s.params, "iters": 2}) if s.name in ("adaround", "signround") else s for s in recipe.steps)
+    steps = tuple(
+        Step(s.name, {**s.params, "iters": 2}) if s.name in ("adaround", "signround") else s for s in recipe.steps
+    )
     weights = dataclasses.replace(recipe.scheme.weights, group_size=32)
     recipe = dataclasses.replace(recipe, steps=steps, scheme=dataclasses.replace(recipe.scheme, weights=weights))
     assert any(s.name in ("adaround", "signround") for s in recipe.steps)
@@ -201,3 +205,25 @@ def test_presets_save_and_load(preset: str, tmp_path: Path) -> None:
     assert [s["name"] if isinstance(s, dict) else s for s in [meta["recipe"]]]  # the provenance was written
     saved, got = _codes(model), _codes(loaded)
     assert saved.keys() == got.keys() and all(torch.equal(saved[n], got[n]) for n in saved)
+
+
+@pytest.mark.slow
+def test_demo_kl_ordering_ar_gptq_rtn() -> None:
+    """On the demo model (groups of 64, symmetric 4-bit: not the grid its weights were stored on),
+    KL(fp32 || quantized) orders w4a16-ar < w4a16 (GPTQ) < w4a16-rtn. Kept short: 4 x 128
+    calibration tokens, 25 reconstruction steps per block, 4 evaluation windows of 256 tokens."""
+    import copy
+
+    from lowbit.scheme import with_group_size
+
+    original, tok = api.load_model("demo")
+    calib = api.calibration_samples(tok, "demo", n_samples=4, seq_len=128, seed=0)
+    windows = api.eval_windows(tok, "demo", seq_len=256, n_windows=4)
+    kl = {}
+    for name in ("w4a16-rtn", "w4a16", "w4a16-ar"):
+        recipe = with_group_size(get_preset(name), 64)
+        steps = tuple(Step(s.name, {**s.params, "iters": 25}) if s.name == "adaround" else s for s in recipe.steps)
+        model = copy.deepcopy(original)
+        api.quantize(model, dataclasses.replace(recipe, steps=steps), calib, batch_size=4, progress=False)
+        kl[name] = api.evaluate(model, windows, baseline=original, batch_size=4, progress=False).kl
+    assert kl["w4a16-ar"] < kl["w4a16"] < kl["w4a16-rtn"], kl

@@ -4,8 +4,8 @@ runs in the pipeline and is refused with bad parameters."""
 
 from __future__ import annotations
 
-import torch
 import pytest
+import torch
 from tiny_models import block_context, tiny_llama, token_ids
 
 from lowbit.algorithms import build_algorithm
@@ -124,6 +124,6 @@ def test_bad_parameters_are_refused() -> None:
         build_algorithm("signround", {"min_clip": 1.5})
     with pytest.raises(LowbitError, match="iters"):
         build_algorithm("signround", {"iters": 2.5})
-    with pytest.raises(LowbitError, match="teacher|recipe"):
+    with pytest.raises(LowbitError, match=r"teacher|recipe"):
         ctx = block_context(tiny_llama(), Scheme(weights=W4), token_ids(4, 32))
         SignRound().apply(ctx)

@@ -173,7 +173,7 @@ class MiniBatches:
 
     def draw(self) -> list[int]:
         """The indices of the next step's batches."""
-        out = []
+        out: list[int] = []
         while len(out) < self.per_step:
             if not self._order:
                 self._order = torch.randperm(len(self.ctx.inputs), generator=self._gen).tolist()

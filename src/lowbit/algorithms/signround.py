@@ -6,15 +6,16 @@ Per weight an offset ``V`` in [-0.5, 0.5] (start 0) and per group two clipping f
     s * (clip(round(W / s + V) + z, qmin, qmax) - z),   (s, z) = qparams(lo * a_lo, hi * a_hi)
 
 with ``round`` straight-through. ``(lo, hi)`` is the range that reproduces the quantizer's grid
-(``rounding.grid_range``), so the start (``V = 0``, factors 1) is that quantizer's grid rounded
-to nearest: on an RTN grid RTN (a float32 scale may differ in its last bit), on GPTQ's grid its scales with RTN's rounding of the
-float weights (GPTQ's own codes are not a point of this parameterisation). The loss is the block
-output's reconstruction error against the float block (``reconstruction.py``); every step moves
-each parameter by ``lr`` against the sign of its gradient (signed gradient descent, ``lr = 1 /
-iters`` by default, so an offset can cross its whole range), then clamps it to its bounds. The
-parameters with the lowest mini-batch loss seen are kept (as auto-round does; the loss of a step
-is the loss of the parameters before its update). The clipping factors change the scales and
-zero points, which stay on the scheme's format (same bits, same scale dtype).
+(``rounding.grid_range``), so the start (``V = 0``, factors 1) is that quantizer's grid rounded to
+nearest: on an RTN grid RTN (a float32 scale may differ in its last bit), on GPTQ's grid its scales
+with RTN's rounding of the float weights (GPTQ's own codes are not a point of this
+parameterisation). The loss is the block output's reconstruction error against the float block
+(``reconstruction.py``); every step moves each parameter by ``lr`` against the sign of its gradient
+(signed gradient descent, ``lr = 1 / iters`` by default, so an offset can cross its whole range),
+then clamps it to its bounds. The parameters with the lowest mini-batch loss seen are kept (as auto-
+round does; the loss of a step is the loss of the parameters before its update). The clipping
+factors change the scales and zero points, which stay on the scheme's format (same bits, same scale
+dtype).
 
 If the result's loss on the report batches is above the start's, the quantizer's weights stay
 (``recon_reverted``); on GPTQ's grid the start compared with is GPTQ's own result.
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -200,10 +202,10 @@ class SignRound(Algorithm):
         return learners, stats
 
 
-def _frozen(linear: torch.nn.Linear):  # type: ignore[no-untyped-def]
+def _frozen(linear: torch.nn.Linear) -> Callable[[], torch.Tensor]:
     return lambda: linear.weight.detach().float()
 
 
-def _fixed(qw: QuantizedWeight, linear: torch.nn.Linear):  # type: ignore[no-untyped-def]
+def _fixed(qw: QuantizedWeight, linear: torch.nn.Linear) -> Callable[[], torch.Tensor]:
     w = qw.dequantize().to(linear.weight.device)
     return lambda: w
