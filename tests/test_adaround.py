@@ -171,8 +171,9 @@ def test_pipeline_learned_rounding_lowers_the_block_error() -> None:
 def test_w4a8_fake_quantizes_activations_during_reconstruction() -> None:
     a8 = QuantSpec("int8", "tensor", None, symmetric=True, observer="minmax")
     scheme = Scheme(weights=W4, input_activations=a8)
-    _, _, extra = _run((Step("rtn"), Step("adaround", {"iters": 3})), scheme)
-    assert all("recon_loss_start" in e for e in extra.values())
+    for target in ("block", "layer"):
+        _, _, extra = _run((Step("rtn"), Step("adaround", {"iters": 3, "target": target})), scheme)
+        assert all("recon_loss_start" in e for e in extra.values())
 
 
 def test_bad_parameters_and_recipes_are_refused() -> None:

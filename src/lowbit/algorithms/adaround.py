@@ -96,6 +96,7 @@ from lowbit.algorithms.rounding import (
 from lowbit.algorithms.toolkit import input_groups
 from lowbit.formats import IntFormat
 from lowbit.hooks import StopForward, forward_pre_hooks
+from lowbit.modules import ActQuantizer
 from lowbit.qweight import QuantizedWeight
 
 TARGETS = ("block", "layer")
@@ -281,22 +282,34 @@ class AdaRound(Algorithm):
         done: set[str] = set()
         for group in input_groups(ctx):
             first = ctx.targets[group[0]]
-            a, b, c, n = self._grams(ctx, first, {m: rounders[m] for m in done}, acts.get(group[0]))
+            a, b, c, n = self._grams(ctx, first, {m: rounders[m] for m in done}, acts, set(rounders))
             for name in group:
                 self._layer(ctx, name, rounders[name], a, b, c, n)
             done.update(group)
 
     def _grams(
-        self, ctx: BlockContext, linear: nn.Linear, rounded: dict[str, SoftRounding], act: Callable | None
+        self,
+        ctx: BlockContext,
+        linear: nn.Linear,
+        rounded: dict[str, SoftRounding],
+        acts: dict[str, ActQuantizer],
+        trained: set[str],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """``XᵀX``, ``X~ᵀX``, ``X~ᵀX~`` (in, in) over every calibration token, and their count."""
+        """``XᵀX``, ``X~ᵀX``, ``X~ᵀX~`` (in, in) over every calibration token, and their count.
+        ``X~``: the block with the ``rounded`` layers at their learned rounding, every activation
+        quantizer on (also of activation-only targets), and ``linear``'s own on its input."""
+        name = next(n for n, lin in ctx.targets.items() if lin is linear)
+        act = acts.get(name)
         width = linear.in_features
         device = linear.weight.device
         a, b, c = (torch.zeros(width, width, device=device) for _ in range(3))
         count = 0
         for r in rounded.values():
             r.mode = "hard"
-        layers = {m: StudentLayer(ctx.targets[m], r.weight, None) for m, r in rounded.items()}
+        layers = {m: StudentLayer(ctx.targets[m], r.weight, acts.get(m)) for m, r in rounded.items()}
+        for m, lin in ctx.targets.items():  # activation-only targets quantize their inputs too
+            if m not in trained and m in acts:
+                layers[m] = StudentLayer(lin, _frozen_weight(lin), acts[m])
         ctx.passes += 2
         for hidden, kwargs in ctx.inputs:
             x = _layer_input(ctx.block, linear, hidden, kwargs)
