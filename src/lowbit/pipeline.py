@@ -183,6 +183,7 @@ def run(source: Source, recipe: Any, calib: torch.Tensor, options: RunOptions, s
             if hidden is not None:
                 inputs = BlockInputs(hidden, [kwargs_to(k, device) for k in block_kwargs[i]])
             ctx = BlockContext(block, i, prefix, arch, recipe.scheme, inputs, targets, specs)
+            ctx.progress = options.progress
             kvq = kv_quants[i] if kv_quants else None
             new_store = (lambda: ActivationStore(spill, device)) if data else None
             rows, err, outputs = quantize_block(ctx, algorithms, kvq, new_store)
@@ -307,6 +308,9 @@ def _status(block_err: float | None, layers: list[LayerReport]) -> str:
         parts.append(f"GPTQ loss {sum(losses):.3g}")
         parts.append(f"damp {max(r.extra['damp'] for r in layers if 'damp' in r.extra):g}")
         parts.append(f"solve {sum(r.extra.get('seconds', 0.0) for r in layers):.1f} s")
+    recon = [r.extra for r in layers if "recon_loss_start" in r.extra]
+    if recon:  # learned rounding: the block's reconstruction loss before -> after (the same for every layer)
+        parts.append(f"reconstruction {recon[0]['recon_loss_start']:.3g} -> {recon[0]['recon_loss_end']:.3g}")
     return ", ".join(parts)
 
 

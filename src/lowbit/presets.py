@@ -207,6 +207,38 @@ PRESETS["w2a16-bcq"] = Preset(
     Scheme(weights=_g("uint2", 64, False, observer="minmax")),
     _BCQ,
 )
+# learned rounding on GPTQ's grid (AdaRound with BRECQ's block target, see algorithms/adaround.py):
+# GPTQ fixes the scales and a first rounding, the block reconstruction relearns the rounding
+_AR = (*_GPTQ, Step("adaround"))
+PRESETS.update(
+    {
+        "w4a16-ar": Preset(
+            "w4a16 (4-bit groups of 128, symmetric) with GPTQ, then AdaRound on the block output (BRECQ)",
+            Scheme(weights=_g("int4", 128, True)),
+            _AR,
+        ),
+        "w3a16-ar": Preset(
+            "w3a16 (3-bit groups of 128, asymmetric) with GPTQ, then AdaRound on the block output (BRECQ)",
+            Scheme(weights=_g("uint3", 128, False)),
+            _AR,
+        ),
+        "w2a16-ar": Preset(
+            "w2a16 (2-bit groups of 32, asymmetric) with GPTQ, then AdaRound on the block output (BRECQ)",
+            Scheme(weights=_g("uint2", 32, False)),
+            _AR,
+        ),
+        "w4a8-ar": Preset(
+            "w4a8 (SmoothQuant, GPTQ), then AdaRound on the block output with activations fake-quantized per token",
+            Scheme(weights=_g("int4", 128, True), input_activations=_A8_TOKEN),
+            (*_SQ_GPTQ, Step("adaround")),
+        ),
+        "w4a16-signround": Preset(
+            "w4a16 (4-bit groups of 128, symmetric) rounded by SignRound (auto-round) on the block output",
+            Scheme(weights=_g("int4", 128, True)),
+            (*_RTN, Step("signround")),
+        ),
+    }
+)
 
 DEFAULT_PRESET = "w4a16"
 

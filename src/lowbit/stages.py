@@ -4,6 +4,9 @@
     observe    -> one float pass: static activation and KV ranges, and the float outputs the
                   measure stage compares with (only when something needs them)
     quantize   -> the quantizer steps fill ``ctx.qweights``
+    reconstruct -> reconstruct steps (AdaRound, SignRound) refine ``ctx.qweights`` against the
+                  float block's outputs (``ctx.teacher``: the observe stage's reference, not a
+                  second float pass)
     swap       -> each target becomes a QuantLinear
     measure    -> the quantized pass: each layer's output error and the block's outputs, which are
                   the next block's inputs; a data-free run measures the weights instead
@@ -25,6 +28,7 @@ from lowbit import dist
 from lowbit.activations import ActivationStore
 from lowbit.algorithms import Algorithm, BlockContext
 from lowbit.algorithms.toolkit import FALLBACKS
+from lowbit.errors import LowbitError
 from lowbit.kvcache import KVQuantizer, kv_paused
 from lowbit.modules import ActQuantizer, QuantLinear
 from lowbit.observers import Observer
@@ -87,8 +91,11 @@ def quantize_block(
         observed = _float_pass(ctx, observers, kvq, None if reference is not None else new_store())
         reference = observed if reference is None else reference
     for algorithm in algorithms:
-        if algorithm.kind != "transform":
+        if algorithm.kind not in ("transform", "reconstruct"):
             algorithm.apply(ctx)
+    reconstructs = [a for a in algorithms if a.kind == "reconstruct"]
+    if reconstructs:
+        _reconstruct(ctx, reconstructs, observers, kvq, reference)
     if new_store is None:  # data-free: the weights' error, and no float copy is kept
         errors = {name: _weight_error(ctx, name) for name in ctx.targets}
         _swap_in_quant_linears(ctx, observers, keep_float=False)
@@ -114,6 +121,27 @@ def quantize_block(
         e, r = sums[name].tolist()
         rows.append(_row(ctx, name, e / r if r > 0 else 0.0))
     return rows, float(num / den) if den > 0 else 0.0, outputs
+
+
+def _reconstruct(
+    ctx: BlockContext,
+    steps: list[Algorithm],
+    observers: dict[str, Observer],
+    kvq: KVQuantizer | None,
+    reference: ActivationStore | None,
+) -> None:
+    """Run the reconstruct steps with the reference outputs as ``ctx.teacher`` and the observed
+    static activation ranges; the KV quantizer is paused (the steps train without it)."""
+    if reference is None:
+        raise LowbitError(f"step(s) {', '.join(a.name for a in steps)} need calibration data")
+    ctx.teacher = reference
+    ctx.act_ranges = {name: observer.range() for name, observer in observers.items()}
+    try:
+        with kv_paused(kvq):
+            for algorithm in steps:
+                algorithm.apply(ctx)
+    finally:
+        ctx.teacher = None
 
 
 def _collect(outs: Iterator[torch.Tensor], store: ActivationStore) -> ActivationStore:

@@ -48,6 +48,12 @@ class BlockContext:
     # per-cluster activation quantization (RPTQ): target name -> its input channels' cluster (in,)
     # int64, chosen by a transform; the swap stage hands them to the target's ActQuantizer
     act_clusters: dict[str, torch.Tensor] = field(default_factory=dict)
+    # for reconstruct steps (set by the runner after the quantizers): the float block's outputs on
+    # ``inputs`` (the reference the measure stage compares with), one (B, T, H) tensor per batch,
+    # and the static input-activation ranges the float pass observed (target name -> (lo, hi))
+    teacher: Sequence[torch.Tensor] | None = None
+    act_ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    progress: bool = False  # whether a long step may show its own progress bar
 
     def forward(self, hooks: Mapping[nn.Module, Callable[..., Any]] | None = None) -> list[torch.Tensor]:
         """Run the block over every calibration batch; returns the output hidden states per batch."""
@@ -93,7 +99,7 @@ class Algorithm(ABC):
     """Base of registered algorithms. Subclasses are dataclasses of their parameters."""
 
     name: ClassVar[str]
-    kind: ClassVar[str]  # "transform" or "quantizer"
+    kind: ClassVar[str]  # "transform", "quantizer" or "reconstruct" (refines ctx.qweights after the quantizers)
     # what the step reads besides the weights: "inputs" (the block's calibration inputs, for
     # statistics, Hessians or a search); empty for a data-free step (RTN), which lets a run make no
     # forward pass at all
@@ -127,7 +133,8 @@ class Algorithm(ABC):
 
     @abstractmethod
     def apply(self, ctx: BlockContext) -> None:
-        """Change ``ctx.block``'s float weights (a transform) or fill ``ctx.qweights`` (a quantizer)."""
+        """Change ``ctx.block``'s float weights (a transform), fill ``ctx.qweights`` (a quantizer) or
+        refine them against ``ctx.teacher`` (a reconstruct step)."""
 
 
 ALGORITHMS: dict[str, type[Algorithm]] = {}

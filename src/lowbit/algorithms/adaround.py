@@ -1,0 +1,427 @@
+"""AdaRound (Nagel et al., 2020) and BRECQ's block target (Li et al., 2021) as a reconstruct step.
+
+The grid (scales, zero points) is the one the quantizer before it chose (RTN, an MSE observer or
+GPTQ's); only the rounding of each weight is learned, between the grid point below it and the
+one above (``rounding.adaround_start``: started from the quantizer's codes, so that zero
+iterations give them back exactly).
+
+Start (``init``): the paper sets ``h(V)`` to the fractional part, so the soft weights start at
+the float weights (``init="fraction"``). From GPTQ's codes that start forgets GPTQ's joint
+decisions: the soft phase moves towards the float weights and the annealing rounds from there.
+So the default ``init="codes"`` starts at the quantizer's result (``h(V)`` 0.05 from its choice,
+inside the clip so gradients flow) and the learner improves on it. On a 32x64 layer with
+correlated inputs (``tests/test_adaround.py``, layer target, 300 iterations) the output error
+was RTN 2970, GPTQ 167, AdaRound from GPTQ's codes 154, from the fraction 536 (from RTN's 331).
+
+Per weight ``h(V)`` (the rectified sigmoid) is trained with
+Adam on
+
+    reconstruction loss + lam * sum(1 - |2 h(V) - 1| ** beta)
+
+with no regulariser during the first ``warmup`` fraction of ``iters`` and ``beta`` decaying
+linearly from ``beta_start`` to ``beta_end`` after it; the result is ``h(V) >= 0.5``.
+
+Two targets:
+
+- ``block`` (BRECQ): the block's output against the float block's (``ctx.teacher``), every
+  target of the block learned together; mini-batches of ``batch`` calibration sequences (cut to
+  their first ``tokens`` positions), see ``reconstruction.py``.
+- ``layer`` (AdaRound's asymmetric reconstruction): per layer ``||W X - W~ X~||^2`` with ``X~``
+  the layer's input in the block whose earlier layers are already rounded (and ``X~``
+  fake-quantized as the layer's activation spec says), and ``X`` the float-path input,
+  approximated as the layer's input in the *float* block fed the same block inputs (which are
+  the quantized predecessors' outputs: the exact float-model input would need a float model run
+  beside the quantized one). Layers are done in the block's order (true sequential). The loss is
+  exact over every calibration token through three Gram matrices ``XᵀX``, ``X~ᵀX``, ``X~ᵀX~``
+  (in x in), so a step costs ``out * in * in`` whatever the number of tokens, and ``batch`` /
+  ``tokens`` are not used.
+
+Scale: in training the reconstruction loss is divided by the start's (the quantizer's hard
+result: 1 at the start), so ``lam`` weighs the regulariser against the *relative* error whatever
+the model's activation scale. The paper's ``lam = 0.01`` was set for CNN activations of order
+one; on the tiny test llama (block losses ~4e-4) it froze every weight (the regulariser's
+gradient was ~10^4 times the reconstruction's; block error 3.4e-3 as GPTQ), raw 1e-5 gave 2.3e-3
+and 1e-7 1.7e-3 at ``lr_iters`` 10, and 1.1e-3 / 1.2e-3 at ``lr_iters`` 30 (100 iterations).
+
+Learning rate: the paper's Adam lr 1e-3 goes with 10k-20k iterations; an affordable run here has
+hundreds, and ``V`` must be able to cross its active range (about [-2.4, 2.4]) within them, so
+the default ``lr`` is ``lr_iters / iters`` (the paper's product is 10-20).
+
+Defaults per target (``lam`` / ``lr_iters`` left unset), measured: block 0.01 / 30 (tiny llama,
+GPTQ grid, 100 iterations: block errors 9.8e-4 and 7.8e-4 against GPTQ's 3.3e-3 and 1.6e-3;
+lr_iters 10 gave 1.2e-3 / 9.6e-4, lam 0.1 1.2e-3 / 8.9e-4); layer 0.1 / 10 (the 32x64 layer
+above: 154 against GPTQ's 167; 0.01 / 10 gave 170, 0.01 / 30 297, 0.01 / 3 165). The full-batch
+layer loss is smooth and rewards small steps; the block's mini-batch loss needs larger ones.
+
+The result is kept only if its (hard-rounded) loss on the report batches is not above the
+start's; otherwise the quantizer's codes stay (``recon_reverted``). Stats per layer:
+``recon_loss_start``, ``recon_loss_end`` (block target: the block loss on ``report_batches``
+batches, the same on every layer; layer target: the layer's own), ``recon_flipped`` (the share
+of codes changed), ``recon_seconds``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lowbit.algorithms.base import Algorithm, BlockContext, register
+from lowbit.algorithms.reconstruction import (
+    MiniBatches,
+    StudentLayer,
+    activation_quantizers,
+    check_trainable,
+    grid_weight,
+    record,
+    report_batches,
+    student,
+)
+from lowbit.algorithms.rounding import (
+    INITS,
+    adaround_codes,
+    adaround_start,
+    adaround_weight,
+    beta_schedule,
+    check_fraction,
+    expanded_grid,
+    rectified_sigmoid,
+    rounding_regularizer,
+)
+from lowbit.algorithms.toolkit import input_groups
+from lowbit.formats import IntFormat
+from lowbit.hooks import StopForward, forward_pre_hooks
+from lowbit.modules import ActQuantizer
+from lowbit.qweight import QuantizedWeight
+
+TARGETS = ("block", "layer")
+DEFAULTS = {"block": (0.01, 30.0), "layer": (0.1, 10.0)}  # (lam, lr_iters), see the module docstring
+
+
+class SoftRounding:
+    """One layer's rounding variables on a fixed grid. ``mode``: "soft" (``h(V)``, training) or
+    "hard" (``h(V) >= 0.5``, the result)."""
+
+    def __init__(self, w: torch.Tensor, qw: QuantizedWeight, init: str = "codes") -> None:
+        device = w.device
+        self.qw = qw
+        base, v0 = adaround_start(w.to(device), _on(qw, device), init)  # refuses float grids
+        fmt = qw.spec.fmt
+        assert isinstance(fmt, IntFormat)
+        self.qmin, self.qmax = fmt.qmin, fmt.qmax
+        self.base, self.v0 = base, v0
+        self.v = v0.clone().requires_grad_(True)
+        self.s, self.z = (t.to(device) for t in expanded_grid(qw))
+        self.outliers = None
+        if qw.outlier_idx is not None and qw.outlier_weight is not None:
+            self.outliers = (qw.outlier_idx.to(device), qw.outlier_weight.to(device, torch.float32))
+        self.mode = "soft"
+
+    def weight(self) -> torch.Tensor:
+        """The current weight (out, in) float32, differentiable in ``v`` in soft mode."""
+        h = rectified_sigmoid(self.v)
+        if self.mode == "hard":
+            h = (h >= 0.5).to(torch.float32)
+        w = adaround_weight(self.base, h, self.s, self.z, self.qmin, self.qmax)
+        if self.outliers is not None:  # OWQ's float columns stay as they are
+            w = w.index_copy(1, self.outliers[0], self.outliers[1])
+        return w
+
+    def regularizer(self, beta: float) -> torch.Tensor:
+        return rounding_regularizer(rectified_sigmoid(self.v), beta)
+
+    def result(self) -> QuantizedWeight:
+        """The start's grid with the learned hard rounding as its codes."""
+        with torch.no_grad():
+            q = adaround_codes(self.base, self.v, self.qmin, self.qmax)
+        codes = self.qw.spec.fmt.to_codes(q).to(self.qw.codes.device)
+        return dataclasses.replace(self.qw, codes=codes)
+
+    def flipped(self) -> float:
+        with torch.no_grad():
+            start = adaround_codes(self.base, self.v0, self.qmin, self.qmax)
+            end = adaround_codes(self.base, self.v, self.qmin, self.qmax)
+        return float((start != end).float().mean())
+
+
+def _on(qw: QuantizedWeight, device: torch.device) -> QuantizedWeight:
+    return dataclasses.replace(
+        qw,
+        codes=qw.codes.to(device),
+        scale=qw.scale.to(device),
+        zero_point=qw.zero_point.to(device),
+        g_idx=qw.g_idx.to(device),
+    )
+
+
+@register("adaround", kind="reconstruct")
+@dataclass
+class AdaRound(Algorithm):
+    """AdaRound / BRECQ on the grid of the quantizer before it (see the module docstring).
+
+    ``target``: "block" (BRECQ) or "layer"; ``iters``: Adam steps per block (per layer for
+    "layer"); ``lr``: Adam's learning rate on ``V`` (default ``lr_iters / iters``); ``batch``:
+    calibration sequences per step; ``tokens``: positions of each sequence used in training
+    (None: all); ``lam``: the regulariser's weight; ``warmup``: the fraction of steps without it;
+    ``beta_start`` / ``beta_end``: its exponent's annealing; ``report_batches``: calibration
+    batches on which the loss before and after is measured; ``seed``: the mini-batch order.
+    """
+
+    needs = frozenset({"inputs", "teacher"})
+    data_parallel = False  # trains on its own samples: workers would decide differently
+
+    target: str = "block"
+    iters: int = 200
+    lr: float | None = None
+    lr_iters: float | None = None
+    batch: int = 4
+    tokens: int | None = 128
+    lam: float | None = None
+    warmup: float = 0.2
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    report_batches: int = 2
+    seed: int = 0
+    init: str = "codes"
+
+    def __post_init__(self) -> None:
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {list(INITS)}, got {self.init!r}")
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {list(TARGETS)}, got {self.target!r}")
+        for key in ("iters", "batch", "report_batches"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "iters" else 1):
+                raise ValueError(f"{key} must be an integer >= {0 if key == 'iters' else 1}, got {value!r}")
+        if self.tokens is not None and (not isinstance(self.tokens, int) or self.tokens < 1):
+            raise ValueError(f"tokens must be a positive integer or null, got {self.tokens!r}")
+        if self.lr is not None:
+            check_fraction("lr", self.lr, 1e-12, 1e3)
+        if self.lr_iters is not None:
+            check_fraction("lr_iters", self.lr_iters, 1e-9, 1e6)
+        if self.lam is not None:
+            check_fraction("lam", self.lam, 0.0, 1e6)
+        check_fraction("warmup", self.warmup, 0.0, 1.0)
+        check_fraction("beta_start", self.beta_start, 1.0, 1e3)
+        check_fraction("beta_end", self.beta_end, 1.0, self.beta_start)
+
+    def learning_rate(self) -> float:
+        """``lr``, or ``lr_iters / iters`` (``lr_iters``: 30 for the block target, 10 per layer)."""
+        if self.lr is not None:
+            return self.lr
+        lr_iters = self.lr_iters if self.lr_iters is not None else DEFAULTS[self.target][1]
+        return lr_iters / max(self.iters, 1)
+
+    def weight(self) -> float:
+        """The regulariser's weight ``lam`` (0.01 for the block target, 0.1 per layer)."""
+        return self.lam if self.lam is not None else DEFAULTS[self.target][0]
+
+    def apply(self, ctx: BlockContext) -> None:
+        names = check_trainable(ctx, "adaround")
+        if not names:
+            return
+        start = time.perf_counter()
+        rounders = {
+            n: SoftRounding(ctx.targets[n].weight.detach().float(), grid_weight(ctx, n, "adaround"), self.init)
+            for n in names
+        }
+        acts = activation_quantizers(ctx)
+        if self.target == "block":
+            self._block(ctx, names, rounders, acts)
+        else:
+            self._layers(ctx, names, rounders, acts)
+        for n in names:
+            ctx.stats.setdefault(n, {})["recon_seconds"] = time.perf_counter() - start
+
+    # ---- BRECQ: the block output --------------------------------------------------------------
+
+    def _block(self, ctx: BlockContext, names: list[str], rounders: dict[str, SoftRounding], acts: dict) -> None:
+        layers = {
+            n: StudentLayer(lin, rounders[n].weight if n in rounders else _frozen_weight(lin), acts.get(n))
+            for n, lin in ctx.targets.items()
+        }
+        params = [r.v for r in rounders.values()]
+        with student(ctx.block, layers):
+            batches = MiniBatches(ctx, self.batch, self.tokens, self.seed)
+            report = report_batches(ctx, self.report_batches)
+            _set_mode(rounders, "hard")
+            loss_start = batches.loss(report)
+            reference = _reference(loss_start)
+            _set_mode(rounders, "soft")
+            optimizer = torch.optim.Adam(params, lr=self.learning_rate())
+            bar = tqdm(range(self.iters), desc=f"adaround block {ctx.index}", leave=False, disable=not ctx.progress)
+            with torch.enable_grad():
+                for step in bar:
+                    optimizer.zero_grad(set_to_none=True)
+                    rec = batches.backward(batches.draw(), scale=1.0 / reference) * reference
+                    beta = beta_schedule(step, self.iters, self.warmup, self.beta_start, self.beta_end)
+                    if beta is not None and self.weight() > 0:
+                        reg = self.weight() * sum((r.regularizer(beta) for r in rounders.values()), torch.zeros(()))
+                        reg.backward()
+                    optimizer.step()
+                    if step % 10 == 0:
+                        bar.set_postfix_str(f"loss {rec:.4g}")
+            _set_mode(rounders, "hard")
+            loss_end = batches.loss(report) if self.iters else loss_start
+        stats = {"recon_loss_start": loss_start, "recon_loss_end": loss_end}
+        if not loss_end <= loss_start:  # NaN too: keep the quantizer's codes
+            stats["recon_reverted"] = 1.0
+            record(ctx, names, stats)
+            return
+        for n in names:
+            ctx.stats.setdefault(n, {})["recon_flipped"] = rounders[n].flipped()
+            ctx.qweights[n] = rounders[n].result()
+        stats["recon_exact_cut"] = float(batches.exact_cut)
+        record(ctx, names, stats)
+
+    # ---- AdaRound: each layer's output ----------------------------------------------------------
+
+    def _layers(self, ctx: BlockContext, names: list[str], rounders: dict[str, SoftRounding], acts: dict) -> None:
+        done: set[str] = set()
+        for group in input_groups(ctx):
+            first = ctx.targets[group[0]]
+            a, b, c, n = self._grams(ctx, first, {m: rounders[m] for m in done}, acts, set(rounders))
+            for name in group:
+                self._layer(ctx, name, rounders[name], a, b, c, n)
+            done.update(group)
+
+    def _grams(
+        self,
+        ctx: BlockContext,
+        linear: nn.Linear,
+        rounded: dict[str, SoftRounding],
+        acts: dict[str, ActQuantizer],
+        trained: set[str],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """``XᵀX``, ``X~ᵀX``, ``X~ᵀX~`` (in, in) over every calibration token, and their count.
+        ``X~``: the block with the ``rounded`` layers at their learned rounding, every activation
+        quantizer on (also of activation-only targets), and ``linear``'s own on its input."""
+        name = next(n for n, lin in ctx.targets.items() if lin is linear)
+        act = acts.get(name)
+        width = linear.in_features
+        device = linear.weight.device
+        a, b, c = (torch.zeros(width, width, device=device) for _ in range(3))
+        count = 0
+        for r in rounded.values():
+            r.mode = "hard"
+        layers = {m: StudentLayer(ctx.targets[m], r.weight, acts.get(m)) for m, r in rounded.items()}
+        for m, lin in ctx.targets.items():  # activation-only targets quantize their inputs too
+            if m not in trained and m in acts:
+                layers[m] = StudentLayer(lin, _frozen_weight(lin), acts[m])
+        ctx.passes += 2
+        for hidden, kwargs in ctx.inputs:
+            x = _layer_input(ctx.block, linear, hidden, kwargs)
+            with student(ctx.block, layers), torch.no_grad():
+                xt = _layer_input(ctx.block, linear, hidden, kwargs)
+            if act is not None:
+                xt = act(xt)
+            x, xt = x.reshape(-1, width).float(), xt.reshape(-1, width).float()
+            a.addmm_(x.T, x)
+            b.addmm_(xt.T, x)
+            c.addmm_(xt.T, xt)
+            count += x.shape[0]
+        return a, b, c, count
+
+    def _layer(
+        self,
+        ctx: BlockContext,
+        name: str,
+        rounder: SoftRounding,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        c: torch.Tensor,
+        n: int,
+    ) -> None:
+        w = ctx.targets[name].weight.detach().float()
+        loss_start, loss_end = learn_layer_rounding(self, rounder, w, (a, b, c, n), ctx.progress, name)
+        stats = ctx.stats.setdefault(name, {})
+        stats.update({"recon_loss_start": loss_start, "recon_loss_end": loss_end})
+        if not loss_end <= loss_start:  # NaN too
+            stats["recon_reverted"] = 1.0
+            with torch.no_grad():
+                rounder.v.copy_(rounder.v0)  # later layers see the quantizer's codes
+            return
+        stats["recon_flipped"] = rounder.flipped()
+        ctx.qweights[name] = rounder.result()
+
+
+def gram_loss(
+    w: torch.Tensor, grams: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``W~ -> ||X Wᵀ - X~ W~ᵀ||² / n`` from ``grams = (XᵀX, X~ᵀX, X~ᵀX~, n)`` for the float weight
+    ``w`` (out, in): ``(tr(W XᵀX Wᵀ) - 2 tr(W~ X~ᵀX Wᵀ) + tr(W~ X~ᵀX~ W~ᵀ)) / n``."""
+    a, b, c, n = grams
+    const = float((w * (w @ a)).sum(dtype=torch.float64))
+    k = w @ b.T  # W XᵀX~
+
+    def loss(wt: torch.Tensor) -> torch.Tensor:
+        return (const - 2.0 * (wt * k).sum() + (wt * (wt @ c)).sum()) / max(n, 1)
+
+    return loss
+
+
+def learn_layer_rounding(
+    params: AdaRound,
+    rounder: SoftRounding,
+    w: torch.Tensor,
+    grams: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int],
+    progress: bool = False,
+    name: str = "",
+) -> tuple[float, float]:
+    """Train ``rounder`` on one layer's asymmetric reconstruction loss (``gram_loss``) with
+    ``params``' iterations, learning rate, lambda and beta schedule (full batch: the Gram matrices
+    hold every token). Leaves ``rounder`` in hard mode; returns the hard loss before and after."""
+    loss = gram_loss(w, grams)
+    rounder.mode = "hard"
+    with torch.no_grad():
+        loss_start = float(loss(rounder.weight()))
+    reference = _reference(loss_start)
+    rounder.mode = "soft"
+    optimizer = torch.optim.Adam([rounder.v], lr=params.learning_rate())
+    with torch.enable_grad():
+        for step in tqdm(range(params.iters), desc=f"adaround {name}", leave=False, disable=not progress):
+            optimizer.zero_grad(set_to_none=True)
+            total = loss(rounder.weight()) / reference
+            beta = beta_schedule(step, params.iters, params.warmup, params.beta_start, params.beta_end)
+            if beta is not None and params.weight() > 0:
+                total = total + params.weight() * rounder.regularizer(beta)
+            total.backward()
+            optimizer.step()
+    rounder.mode = "hard"
+    with torch.no_grad():
+        loss_end = float(loss(rounder.weight()))
+    return loss_start, loss_end
+
+
+def _layer_input(block: nn.Module, linear: nn.Linear, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """The input of ``linear`` when ``block`` runs on one batch (the pass stops there)."""
+    got: list[torch.Tensor] = []
+
+    def hook(_m: nn.Module, inp: tuple[torch.Tensor, ...]) -> None:
+        got.append(inp[0].detach())
+        raise StopForward
+
+    with torch.no_grad(), forward_pre_hooks({linear: hook}), contextlib.suppress(StopForward):
+        block(hidden, **kwargs)
+    return got[0]
+
+
+def _reference(loss_start: float) -> float:
+    """What the reconstruction loss is divided by in training: the start's loss (so ``lam`` weighs
+    the regulariser against the relative error), or 1 when the start is exact."""
+    return loss_start if loss_start > 0 and loss_start < float("inf") else 1.0
+
+
+def _frozen_weight(linear: nn.Linear) -> Callable[[], torch.Tensor]:
+    return lambda: linear.weight.detach().float()
+
+
+def _set_mode(rounders: dict[str, SoftRounding], mode: str) -> None:
+    for r in rounders.values():
+        r.mode = mode

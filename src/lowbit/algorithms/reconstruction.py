@@ -1,0 +1,240 @@
+"""Block reconstruction, shared by the learned-rounding steps (AdaRound's block target, SignRound).
+
+A reconstruct step runs after the quantizers fixed each target's grid (``ctx.qweights``) and
+before the runner swaps in QuantLinears. It turns the float block into a *student*: each
+weight-quantized target computes ``F.linear(Q_a(x), W~, b)`` with ``W~`` a differentiable
+function of the step's parameters (``StudentLayer.weight``) and ``Q_a`` the layer's activation
+fake-quantizer (static ranges from the runner's float pass, dynamic per-token ones computed on
+the fly; straight-through gradient). Every block parameter is frozen and the KV quantizer is
+paused by the runner, so autograd covers only this block and only the step's parameters.
+
+The loss is BRECQ's reconstruction error of the block output against ``ctx.teacher`` (the float
+block's outputs on the same inputs, computed once by the runner): squared error summed over the
+hidden size, averaged over tokens. ``MiniBatches`` draws the calibration batches of each step
+(seeded); with ``tokens`` every sequence is cut to its first ``tokens`` positions, which is exact
+for a causal block (the first positions' outputs depend only on the first positions' inputs)
+and is checked once per block against the full-length output, falling back to full length when
+the block's keyword arguments cannot be cut that way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit.algorithms.base import BlockContext
+from lowbit.algorithms.rounding import straight_through
+from lowbit.errors import LowbitError
+from lowbit.hooks import replaced_forwards
+from lowbit.modules import ActQuantizer
+from lowbit.qweight import QuantizedWeight
+
+
+@dataclass
+class StudentLayer:
+    """One target in the student block: its linear (bias, shapes), its current weight as a
+    differentiable function (out, in) float32, and its activation fake-quantizer (or None)."""
+
+    linear: nn.Linear
+    weight: Callable[[], torch.Tensor]
+    act: ActQuantizer | None
+
+
+def check_trainable(ctx: BlockContext, step: str) -> list[str]:
+    """The weight-quantized targets a reconstruct step refines (their initial grids must exist)."""
+    if torch.is_inference_mode_enabled():
+        raise LowbitError(f"{step} trains rounding variables: call it outside torch.inference_mode()")
+    if ctx.teacher is None:
+        raise LowbitError(f"{step} is a reconstruct step: run it in a recipe (the runner gives it the float outputs)")
+    names = [n for n in ctx.targets if ctx.specs[n][0] is not None]
+    missing = [n for n in names if n not in ctx.qweights]
+    if missing:
+        raise LowbitError(
+            f"{step} refines the grid a quantizer chose, but {ctx.prefix}.{missing[0]} has none; "
+            "put a quantizer step (rtn, gptq) before it in the recipe"
+        )
+    return names
+
+
+def grid_weight(ctx: BlockContext, name: str, step: str) -> QuantizedWeight:
+    """The grid weight a quantizer chose for target ``name`` (BCQ's binary codes have no grid to relearn)."""
+    qw = ctx.qweights[name]
+    if not isinstance(qw, QuantizedWeight):
+        raise LowbitError(
+            f"{step} relearns the rounding on a grid, but {ctx.prefix}.{name} holds {type(qw).__name__}; "
+            "use a grid quantizer (rtn, gptq) before it"
+        )
+    return qw
+
+
+def activation_quantizers(ctx: BlockContext) -> dict[str, ActQuantizer]:
+    """Each target's input fake-quantizer as the quantized block will have it (static ranges from
+    the runner's float pass)."""
+    acts = {}
+    for name, (_, aspec) in ctx.specs.items():
+        if aspec is None:
+            continue
+        act = ActQuantizer(aspec)
+        if not aspec.dynamic:
+            if name not in ctx.act_ranges:
+                raise LowbitError(f"{ctx.prefix}.{name}: no observed range for its static activation spec")
+            act.set_range(*ctx.act_ranges[name])
+        acts[name] = act
+    return acts
+
+
+def _layer_forward(layer: StudentLayer) -> Callable[[torch.Tensor], torch.Tensor]:
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if layer.act is not None:
+            with torch.no_grad():
+                xq = layer.act(x.detach())
+            x = straight_through(x, xq)
+        w = layer.weight()
+        b = layer.linear.bias
+        return F.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
+
+    return forward
+
+
+@contextlib.contextmanager
+def student(block: nn.Module, layers: dict[str, StudentLayer]) -> Iterator[None]:
+    """The block with ``layers``' forwards replaced and every parameter frozen, for the ``with`` body."""
+    saved = [(p, p.requires_grad) for p in block.parameters()]
+    items = list(layers.values())
+    try:
+        for p, _ in saved:
+            p.requires_grad_(False)
+        with replaced_forwards([layer.linear for layer in items], lambda i: _layer_forward(items[i])):
+            yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+
+
+def block_loss(out: Any, target: torch.Tensor) -> torch.Tensor:
+    """BRECQ's reconstruction loss: ``||out - target||^2`` summed over the hidden size, averaged
+    over tokens (float32)."""
+    out = out[0] if isinstance(out, tuple) else out
+    diff = out.float() - target.float()
+    return (diff * diff).sum(-1).mean()
+
+
+def _cut(value: Any, length: int, tokens: int) -> Any:
+    """``value`` with every tensor dimension of size ``length`` cut to its first ``tokens``."""
+    if isinstance(value, torch.Tensor):
+        for dim, size in enumerate(value.shape):
+            if size == length:
+                value = value.narrow(dim, 0, tokens)
+        return value
+    if isinstance(value, tuple):
+        return tuple(_cut(v, length, tokens) for v in value)
+    return value
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast on a CUDA device that supports it; nothing elsewhere (CPU bf16 is slow on
+    most CPUs and the student's float32 arithmetic is what the quantized model runs)."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class MiniBatches:
+    """Mini-batches of a block's calibration batches for a reconstruct step.
+
+    A step uses ``ceil(sequences / B)`` of the runner's batches of ``B`` sequences (at least one,
+    at most all), drawn without replacement in a seeded random order, reshuffled each epoch; with
+    ``tokens`` each sequence is cut to its first ``tokens`` positions (checked exact, see the
+    module docstring). ``exact_cut`` says whether the cut is in use.
+    """
+
+    def __init__(self, ctx: BlockContext, sequences: int, tokens: int | None, seed: int) -> None:
+        assert ctx.teacher is not None
+        self.ctx, self.teacher = ctx, ctx.teacher
+        n = len(ctx.inputs)
+        if n == 0:
+            raise LowbitError("a reconstruct step needs calibration inputs")
+        per_batch = ctx.inputs[0][0].shape[0]
+        self.per_step = min(n, max(1, math.ceil(sequences / per_batch)))
+        self.length = int(ctx.inputs[0][0].shape[1])
+        self.tokens = tokens if tokens is not None and tokens < self.length else None
+        self.exact_cut = self.tokens is not None and self._cut_is_exact()
+        if not self.exact_cut:
+            self.tokens = None
+        self._gen = torch.Generator().manual_seed(seed)
+        self._order: list[int] = []
+
+    def _cut_is_exact(self) -> bool:
+        assert self.tokens is not None
+        hidden, kwargs = self.ctx.inputs[0]
+        try:
+            with torch.no_grad():
+                full = _first(self.ctx.block(hidden, **kwargs))[:, : self.tokens]
+                cut = _first(self.ctx.block(hidden[:, : self.tokens], **_cut(kwargs, self.length, self.tokens)))
+        except (RuntimeError, ValueError, IndexError):
+            return False
+        scale = float(full.abs().max()) or 1.0
+        return cut.shape == full.shape and bool(torch.allclose(cut, full, rtol=1e-3, atol=1e-4 * scale))
+
+    def draw(self) -> list[int]:
+        """The indices of the next step's batches."""
+        out: list[int] = []
+        while len(out) < self.per_step:
+            if not self._order:
+                self._order = torch.randperm(len(self.ctx.inputs), generator=self._gen).tolist()
+            out.append(self._order.pop())
+        return out
+
+    def get(self, i: int, full: bool = False) -> tuple[torch.Tensor, dict[str, Any], torch.Tensor]:
+        """Batch ``i``: (hidden, keyword arguments, teacher outputs), cut unless ``full``."""
+        hidden, kwargs = self.ctx.inputs[i]
+        target = self.teacher[i].to(hidden.device)
+        if self.tokens is None or full:
+            return hidden, kwargs, target
+        t = self.tokens
+        return hidden[:, :t], _cut(kwargs, self.length, t), target[:, :t]
+
+    def backward(self, indices: Sequence[int], scale: float = 1.0) -> float:
+        """Add the gradients of ``scale`` times the mean loss over ``indices``; returns that (float)."""
+        total = 0.0
+        for i in indices:
+            hidden, kwargs, target = self.get(i)
+            with autocast(hidden.device):
+                out = self.ctx.block(hidden, **kwargs)
+            loss = block_loss(out, target) * (scale / len(indices))
+            if not torch.isfinite(loss):
+                raise FloatingPointError("reconstruction loss is not finite")
+            loss.backward()
+            total += float(loss.detach())
+        return total
+
+    @torch.no_grad()
+    def loss(self, indices: Sequence[int], full: bool = True) -> float:
+        """Mean loss over ``indices`` of the student as it is now (full length by default)."""
+        total = 0.0
+        for i in indices:
+            hidden, kwargs, target = self.get(i, full=full)
+            total += float(block_loss(self.ctx.block(hidden, **kwargs), target))
+        return total / max(len(indices), 1)
+
+
+def report_batches(ctx: BlockContext, count: int) -> list[int]:
+    """The fixed batches on which a step's loss before and after is measured and compared."""
+    return list(range(min(count, len(ctx.inputs))))
+
+
+def record(ctx: BlockContext, names: Sequence[str], stats: dict[str, float]) -> None:
+    """Put the block-level ``stats`` in every refined layer's report entry."""
+    for name in names:
+        ctx.stats.setdefault(name, {}).update(stats)
+
+
+def _first(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
