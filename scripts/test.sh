@@ -26,4 +26,6 @@ fi
 python -m ruff check src tests bench
 python -m ruff format --check src tests bench
 python -m mypy
-python -m pytest "$@"
+# two worker processes (pytest-xdist), a test file per worker at a time: most tests run one thread
+# (tests/conftest.py), so a 2-core machine runs two at once; LOWBIT_TEST_WORKERS=0 runs in one process
+python -m pytest -n "${LOWBIT_TEST_WORKERS:-2}" --dist loadfile "$@"
