@@ -1,6 +1,6 @@
 """QAT from a PTQ checkpoint on the demo model: the perplexity increase before and after, in one run.
 
-    python bench/qat.py [--samples 16] [--windows 16] [--steps 100] [--seq-len 512] [--lr 2e-2]
+    python bench/qat.py [--samples 16] [--windows 16] [--steps 100] [--seq-len 512] [--lr 3e-3]
                         [--lr-unit grid|absolute] [--lr-schedule constant|cosine|linear] [--lsq] [--ptq DIR]
 
 1. PTQ start: ``w4a16`` (GPTQ, symmetric int4) in groups of 64 (``with_group_size``, as the other

@@ -330,7 +330,7 @@ def _add_qat_parser(sub: Any) -> None:
         "--lr",
         type=float,
         default=None,
-        help="AdamW learning rate of the weights, in --lr-unit (default 2e-2 grid steps per update; absolute: 1e-5)",
+        help="AdamW learning rate of the weights, in --lr-unit (default 3e-3 grid steps per update; absolute: 1e-5)",
     )
     t.add_argument(
         "--lr-unit",
