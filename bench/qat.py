@@ -1,6 +1,7 @@
 """QAT from a PTQ checkpoint on the demo model: the perplexity increase before and after, in one run.
 
-    python bench/qat.py [--samples 16] [--windows 16] [--steps 100] [--seq-len 512] [--lr 1e-5] [--lsq]
+    python bench/qat.py [--samples 16] [--windows 16] [--steps 100] [--seq-len 512] [--lr 3e-3]
+                        [--lr-unit grid|absolute] [--lr-schedule constant|cosine|linear] [--lsq] [--ptq DIR]
 
 1. PTQ start: ``w4a16`` (GPTQ, symmetric int4) in groups of 64 (``with_group_size``, as the other
    benches), calibrated on ``--samples`` x 512 tokens of the Shakespeare calib split, saved.
@@ -60,7 +61,9 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=1)
-    ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--lr", type=float, default=None, help="default: lowbit's for --lr-unit")
+    ap.add_argument("--lr-unit", choices=("grid", "absolute"), default="grid")
+    ap.add_argument("--lr-schedule", choices=("constant", "cosine", "linear"), default="constant")
     ap.add_argument("--lsq", action="store_true")
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--ptq", default=None, help="reuse this w4a16 checkpoint (e.g. a previous run's) as the start")
@@ -82,7 +85,14 @@ def main() -> int:
     print(f"PTQ {recipe.name} in {ptq}: {ptq_seconds:.0f} s", file=sys.stderr, flush=True)
 
     config = qat.QATConfig(
-        steps=args.steps, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len, save_every=0, lsq=args.lsq
+        steps=args.steps,
+        lr=args.lr,
+        lr_unit=args.lr_unit,
+        lr_schedule=args.lr_schedule,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        save_every=0,
+        lsq=args.lsq,
     )
     result = qat.train("demo", None, "demo", work / "qat", config, start=ptq, progress=True)
     losses = result.losses
@@ -96,7 +106,8 @@ def main() -> int:
     rows[1]["what"] = f"{recipe.name} (GPTQ), {made}"
     lsq = " + LSQ" if args.lsq else ""
     rows[2]["what"] = (
-        f"QAT{lsq} from it: {args.steps} steps x {args.batch_size}x{args.seq_len} tokens, lr {args.lr:g}, "
+        f"QAT{lsq} from it: {args.steps} steps x {args.batch_size}x{args.seq_len} tokens, lr {config.learning_rate:g} "
+        f"({args.lr_unit}, {args.lr_schedule}), "
         f"{result.seconds:.0f} s"
     )
     print(f"\nSmolLM2-135M-Instruct, {windows.shape[0]} x 512 held-out tokens (Shakespeare eval split), "

@@ -155,8 +155,9 @@ def test_window_order_visits_every_window_once_per_epoch() -> None:
     assert batch_indices(3, 4, 5, 0) == seen[3:7]  # a position is all a batch depends on
 
 
+@pytest.mark.parametrize("unit", ["absolute", "grid"])
 @pytest.mark.parametrize("lsq", [False, True])
-def test_qat_linear_rounds_into_the_quant_linear_it_trained_as(lsq: bool) -> None:
+def test_qat_linear_rounds_into_the_quant_linear_it_trained_as(lsq: bool, unit: str) -> None:
     g = torch.Generator().manual_seed(4)
     linear = torch.nn.Linear(64, 16)
     with torch.no_grad():
@@ -164,16 +165,88 @@ def test_qat_linear_rounds_into_the_quant_linear_it_trained_as(lsq: bool) -> Non
     wspec = QuantSpec("uint4", "group", 32, symmetric=False, scale_dtype="float16")
     act = ActQuantizer(QuantSpec("int8", "tensor", None, True))
     act.set_range(torch.tensor(-2.0), torch.tensor(2.0))
-    layer = QATLinear.from_linear(linear, wspec, act, lsq=lsq)
+    layer = QATLinear.from_linear(linear, wspec, act, lsq=lsq, unit=unit)
+    assert layer.grid_units == (unit == "grid")
     with torch.no_grad():  # training moved the weights (and scales) off the start grid
-        layer.weight.add_(torch.randn(16, 64, generator=g) * 0.01)
+        layer.weight.add_(torch.randn(16, 64, generator=g) * (0.7 if unit == "grid" else 0.01))
         for s in layer.trained_scales():
-            s.mul_(1.1)
+            s.copy_(s + 0.4 if unit == "grid" else s * 1.1)  # grid: the latent r starts at 0
     x = torch.randn(5, 64, generator=g) * 2
     assert torch.equal(layer(x), layer.to_quant_linear()(x))
-    start = QATLinear.from_linear(linear, wspec, None)  # untrained: RTN exactly
+    start = QATLinear.from_linear(linear, wspec, None, unit=unit)  # untrained: RTN exactly
     rtn = QuantLinear.from_linear(linear, quantize_weight(linear.weight, wspec), None)
     assert torch.equal(start(x), rtn(x))
+
+
+def test_grid_units_start_on_the_grid_and_an_adam_step_moves_a_weight_lr_times_its_scale() -> None:
+    g = torch.Generator().manual_seed(7)
+    linear = torch.nn.Linear(64, 8, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(8, 64, generator=g) * 0.05)
+    wspec = QuantSpec("int4", "group", 32, True, scale_dtype="float16")
+    qw = quantize_weight(linear.weight, wspec)
+    start = QuantLinear.from_linear(linear, qw, None)  # as a checkpoint holds it: the weights on the grid
+    layer = QATLinear.from_quant_linear(start, unit="grid")
+    codes = (qw.dequantize() / qw.scale.float()[:, qw.g_idx]).round()
+    assert torch.equal(layer.weight.detach(), codes)  # the latent is the integer grid position
+    assert torch.equal(layer.master_weight().detach(), qw.dequantize())
+    lr = 0.05
+    opt = torch.optim.AdamW([layer.weight], lr=lr, weight_decay=0.0)
+    x = torch.randn(4, 64, generator=g)
+    layer(x).pow(2).sum().backward()
+    assert layer.weight.grad is not None
+    moving = layer.weight.grad.abs() > 1e-6  # Adam's first step is lr * sign(grad) where |grad| >> eps
+    assert moving.float().mean() > 0.9
+    before = layer.master_weight().detach().clone()
+    opt.step()
+    moved = (layer.master_weight().detach() - before).abs()
+    s = qw.scale.float()[:, qw.g_idx]
+    assert torch.allclose(moved[moving], (lr * s)[moving], rtol=1e-3)
+    absolute = QATLinear.from_quant_linear(start, unit="absolute")  # the other unit: lr itself
+    opt = torch.optim.AdamW([absolute.weight], lr=lr * 1e-3, weight_decay=0.0)
+    absolute(x).pow(2).sum().backward()
+    opt.step()
+    step = (absolute.weight.detach() - qw.dequantize()).abs()
+    assert torch.allclose(step[moving], torch.full_like(step[moving], lr * 1e-3), rtol=1e-3)
+
+
+def test_lsq_in_grid_units_scales_the_group_and_its_gradient_is_the_grid_value() -> None:
+    g = torch.Generator().manual_seed(8)
+    linear = torch.nn.Linear(32, 4, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(4, 32, generator=g) * 0.05)
+    wspec = QuantSpec("int4", "channel", None, True, scale_dtype="float32")
+    layer = QATLinear.from_linear(linear, wspec, None, lsq=True, unit="grid")
+    s0 = layer.scale0.clone()
+    assert torch.equal(layer.weight_scale().detach(), s0)  # r = 0: the start scale exactly
+    with torch.no_grad():
+        layer.scale.fill_(0.7)  # s = s0 * (1 + 0.7 / 7) = 1.1 s0: the whole row's grid scales
+    assert torch.allclose(layer.weight_scale().detach(), s0 * 1.1)
+    q = torch.clamp(torch.round(layer.weight.detach()), -8, 7)
+    assert torch.allclose(layer.fake_weight().detach(), q * s0 * 1.1)
+    upstream = torch.randn(4, 32, generator=g)
+    (layer.fake_weight() * upstream).sum().backward()
+    assert layer.scale.grad is not None
+    # d/dr of s0 (1 + r/7) * q, times LSQ's 1/sqrt(N Q_P), N = 32 weights share a row's scale
+    want = (upstream * q).sum(1, keepdim=True) * s0 / 7 / math.sqrt(32 * 7)
+    assert torch.allclose(layer.scale.grad, want, rtol=1e-4, atol=1e-9)
+    with torch.no_grad():
+        layer.scale.fill_(-100.0)
+    layer.keep_scales_positive()
+    assert bool((layer.weight_scale() > 0).all())
+
+
+def test_lr_schedules_and_defaults() -> None:
+    c = qat.QATConfig(steps=10, lr_schedule="cosine")
+    assert c.learning_rate == qat.DEFAULT_LR["grid"] and c.lr_factor(0) == 1.0
+    assert c.lr_factor(5) == pytest.approx(0.5) and c.lr_factor(10) == pytest.approx(0.0)
+    assert qat.QATConfig(steps=10, lr_schedule="linear").lr_factor(3) == pytest.approx(0.7)
+    assert qat.QATConfig(steps=10).lr_factor(7) == 1.0
+    assert qat.QATConfig(lr_unit="absolute").learning_rate == qat.DEFAULT_LR["absolute"]
+    assert "steps" in c.fingerprint() and "steps" not in qat.QATConfig().fingerprint()
+    for bad in ({"lr_unit": "steps"}, {"lr_schedule": "step"}):
+        with pytest.raises(LowbitError, match="must be one of"):
+            qat.QATConfig(**bad).check()  # type: ignore[arg-type]
 
 
 # ---- training on a tiny model --------------------------------------------------------------------
@@ -190,7 +263,7 @@ def _stream(n_windows: int = 24) -> torch.Tensor:
 
 
 def _config(**kw: object) -> qat.QATConfig:
-    base = qat.QATConfig(steps=6, lr=1e-4, batch_size=2, seq_len=SEQ, save_every=2)
+    base = qat.QATConfig(steps=6, lr=3e-2, batch_size=2, seq_len=SEQ, save_every=2)
     return dataclasses.replace(base, **kw)  # type: ignore[arg-type]
 
 
@@ -211,15 +284,20 @@ def test_qat_steps_lower_the_distillation_loss(tmp_path: Path) -> None:
     start = _train(tmp_path / "rtn", recipe=Recipe(Scheme(weights=QuantSpec("int3", "group", 32, True))),
                    config=_config(steps=0))  # fmt: skip
     trained = _train(tmp_path / "qat", recipe=Recipe(Scheme(weights=QuantSpec("int3", "group", 32, True))),
-                     config=_config(steps=30, lr=3e-5, save_every=0))  # fmt: skip
+                     config=_config(steps=30, lr=3e-3, save_every=0))  # fmt: skip
     kl = [evaluate(api.load_quantized(r.out)[0], held, baseline=teacher, progress=False).kl for r in (start, trained)]
     assert kl[0] is not None and kl[1] is not None and kl[1] < 0.9 * kl[0]  # held-out windows, not trained on
     assert sum(trained.losses[-5:]) < sum(trained.losses[:5])
 
 
-@pytest.mark.parametrize(("recipe", "lsq"), [(W4, False), (W4A8, True)])
-def test_resume_equals_an_uninterrupted_run(tmp_path: Path, recipe: Recipe, lsq: bool) -> None:
-    config = _config(lsq=lsq)
+@pytest.mark.parametrize(
+    ("recipe", "lsq", "unit", "schedule"),
+    [(W4, False, "grid", "cosine"), (W4A8, True, "grid", "linear"), (W4A8, True, "absolute", "constant")],
+)
+def test_resume_equals_an_uninterrupted_run(
+    tmp_path: Path, recipe: Recipe, lsq: bool, unit: str, schedule: str
+) -> None:
+    config = _config(lsq=lsq, lr_unit=unit, lr_schedule=schedule, lr=3e-2 if unit == "grid" else 1e-4)
     whole = _train(tmp_path / "whole", recipe, config=config)
 
     def stop(step: int, _loss: float) -> None:
@@ -294,7 +372,7 @@ def test_cli_help_and_a_tiny_run(tmp_path: Path, capsys: pytest.CaptureFixture[s
         main(["qat", "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    assert "--lsq" in text and "--from" in text and "--no-distill" in text
+    assert "--lsq" in text and "--from" in text and "--no-distill" in text and "--lr-unit" in text
     model_dir, data = tmp_path / "model", tmp_path / "text.txt"
     tiny_llama().save_pretrained(model_dir)
     byte_tokenizer().save_pretrained(model_dir)

@@ -460,6 +460,8 @@ def _qat(args: argparse.Namespace) -> int:
     config = qat.QATConfig(
         steps=args.steps,
         lr=args.lr,
+        lr_unit=args.lr_unit,
+        lr_schedule=args.lr_schedule,
         batch_size=args.batch_size,
         seq_len=args.seq_len,
         save_every=args.save_every,

@@ -327,7 +327,25 @@ def _add_qat_parser(sub: Any) -> None:
     t.add_argument("--data", default="demo", help="training text (its calib split; same forms as --calib)")
     t.add_argument("--out", required=True, help="output checkpoint directory")
     t.add_argument("--steps", type=int, default=100, help="optimizer steps in all (default 100)")
-    t.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate of the weights (default 1e-5)")
+    t.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="AdamW learning rate of the weights, in --lr-unit (default 3e-3 grid steps per update; absolute: 1e-5)",
+    )
+    t.add_argument(
+        "--lr-unit",
+        choices=("grid", "absolute"),
+        default="grid",
+        help="grid (default): train each weight as w/s, s its group scale, so --lr is the fraction of a grid step "
+        "a weight moves per update; absolute: train w itself",
+    )
+    t.add_argument(
+        "--lr-schedule",
+        choices=("constant", "cosine", "linear"),
+        default="constant",
+        help="constant (default), or cosine / linear decay to 0 over --steps",
+    )
     t.add_argument("--scale-lr", type=float, default=None, help="learning rate of LSQ scales (default --lr)")
     t.add_argument("--batch-size", type=_positive_int, default=1, help="windows per step (default 1)")
     t.add_argument("--seq-len", type=_positive_int, default=512, help="tokens per window (default 512)")

@@ -9,8 +9,11 @@ float32 master weights trained in full through straight-through fake quantizatio
 (dynamic per token, or static with observed ranges), optionally with LSQ step sizes (``lsq``).
 Everything else (embeddings, norms, head, biases) is frozen. The loss is the distillation loss
 ``T^2 KL(teacher || student)`` of the next-token distributions, the teacher being the float model
-(``distill``, the default), or next-token cross entropy on the text. AdamW (constant learning
-rate), gradient-norm clipping, ``steps`` steps of ``batch_size`` windows of ``seq_len`` tokens.
+(``distill``, the default), or next-token cross entropy on the text. AdamW (learning
+rate in grid units by default: each weight trains as ``w / s``, ``s`` its group scale, so ``lr``
+is the fraction of a grid step per update, ``lr_unit="absolute"`` for the weight itself; constant,
+or ``lr_schedule`` cosine / linear decay), gradient-norm clipping, ``steps`` steps of
+``batch_size`` windows of ``seq_len`` tokens.
 
 ``start``: a lowbit checkpoint (e.g. GPTQ's) to start from: its dequantized weights, scales, zero
 points and activation ranges (and every other tensor of it, so smoothing folded into norms stays);
@@ -45,6 +48,7 @@ from lowbit.outdir import check_output
 from lowbit.presets import get_preset
 from lowbit.qat_modules import QATLinear
 from lowbit.qat_setup import (
+    DEFAULT_LR,
     QATConfig,
     check_recipe_for_qat,
     checkpoint_student,
@@ -57,7 +61,7 @@ from lowbit.qat_state import STATE_FILE, batch_indices, load_state, rng_state, s
 from lowbit.recipes import load_recipe, recipe_from_dict
 from lowbit.scheme import Recipe, to_dict
 
-__all__ = ["QATConfig", "QATResult", "train"]
+__all__ = ["DEFAULT_LR", "QATConfig", "QATResult", "train"]
 
 
 @dataclass
@@ -162,7 +166,7 @@ def train(
     teacher.eval()
     windows = training_windows(data, tokenizer, config.seq_len, config.batch_size)
     if loaded is not None:
-        student, names = checkpoint_student(loaded, teacher, resolved, start or "", config.lsq)
+        student, names = checkpoint_student(loaded, teacher, resolved, start or "", config.lsq, config.lr_unit)
     else:
         student, names = float_student(teacher, resolved, windows, config)
     fingerprint = {
@@ -177,12 +181,19 @@ def train(
     dev = torch.device(device)
     student.to(dev).eval()
     teacher.to(dev)
-    weights, scales = freeze_all_but(student, names)
-    groups: list[dict[str, Any]] = [{"params": weights, "weight_decay": config.weight_decay}]
+    grid, absolute, scales = freeze_all_but(student, names)
+    lr = config.learning_rate
+    groups: list[dict[str, Any]] = []
+    if grid:
+        groups.append({"params": grid, "lr": lr, "weight_decay": config.weight_decay})
+    if absolute:  # a grid-less layer in grid units trains at the absolute default
+        absolute_lr = lr if config.lr_unit == "absolute" else DEFAULT_LR["absolute"]
+        groups.append({"params": absolute, "lr": absolute_lr, "weight_decay": config.weight_decay})
     if scales:
-        groups.append({"params": scales, "lr": config.scale_lr or config.lr, "weight_decay": 0.0})
-    optimizer = torch.optim.AdamW(groups, lr=config.lr)
-    trained = [*weights, *scales]
+        groups.append({"params": scales, "lr": config.scale_lr or lr, "weight_decay": 0.0})
+    base_lrs = [g["lr"] for g in groups]
+    optimizer = torch.optim.AdamW(groups, lr=lr)
+    trained = [p for g in groups for p in g["params"]]
 
     where = state_dir(out)
     step, position, losses = 0, 0, []
@@ -209,11 +220,13 @@ def train(
         loss = _loss(student, teacher, batch, config)
         if not torch.isfinite(loss):
             raise LowbitError(
-                f"the QAT loss is {float(loss)} at step {step + 1}; lower --lr (now {config.lr:g}) and start again"
+                f"the QAT loss is {float(loss)} at step {step + 1}; lower --lr (now {lr:g}) and start again"
             )
         loss.backward()
         if config.clip_norm:
             torch.nn.utils.clip_grad_norm_(trained, config.clip_norm)
+        for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
+            group["lr"] = base * config.lr_factor(step)  # a function of the step: resumes exactly
         optimizer.step()
         for name in names:
             layer = student.get_submodule(name)

@@ -26,14 +26,24 @@ from lowbit.qat_state import cut_windows, epoch_order
 from lowbit.qweight import spec_observer
 from lowbit.scheme import QuantSpec, Recipe
 
+DEFAULT_LR = {"grid": 3e-3, "absolute": 1e-5}  # per unit: grid steps per update, or weight units (measured: docs)
+SCHEDULES = ("constant", "cosine", "linear")
+
 
 @dataclasses.dataclass(frozen=True)
 class QATConfig:
     """Settings of a QAT run.
 
-    ``steps``: optimizer steps in all (a resumed run goes on to this many). ``lr``: AdamW's learning
-    rate for the weights (constant: a run may be resumed with more steps), ``scale_lr`` for LSQ's
-    scales (default ``lr``). ``batch_size`` windows of ``seq_len`` tokens per step. ``save_every``:
+    ``steps``: optimizer steps in all (a resumed run goes on to this many, unless the schedule
+    decays). ``lr``: AdamW's learning rate for the weights, in ``lr_unit``: ``"grid"`` (default:
+    each weight trains as ``w / s``, its group scale, so ``lr`` is the fraction of a grid step a
+    weight moves per update; default ``DEFAULT_LR["grid"]``) or ``"absolute"`` (the weight itself;
+    default ``DEFAULT_LR["absolute"]``); layers whose weights stay float train in absolute units at
+    ``DEFAULT_LR["absolute"]``. ``scale_lr`` for LSQ's scales (default ``lr``; in grid units
+    relative to the start scale, see ``lowbit.qat_modules``). ``lr_schedule``: ``"constant"``
+    (default), ``"cosine"`` or ``"linear"`` decay to 0 over ``steps`` (then ``steps`` is part of the
+    run's fingerprint: a decaying run resumes only to the same end). ``batch_size`` windows of
+    ``seq_len`` tokens per step. ``save_every``:
     save the resumable state every this many steps (0: never). ``lsq``: learn the step sizes.
     ``distill``: KL to the float model's next-token distribution at ``temperature``; else next-token
     cross entropy on the text. ``weight_decay`` (AdamW, weights only), ``clip_norm`` (gradient norm
@@ -42,7 +52,9 @@ class QATConfig:
     """
 
     steps: int = 100
-    lr: float = 1e-5
+    lr: float | None = None
+    lr_unit: str = "grid"
+    lr_schedule: str = "constant"
     batch_size: int = 1
     seq_len: int = 512
     save_every: int = 50
@@ -66,9 +78,13 @@ class QATConfig:
                 raise LowbitError(f"QAT {name} must be an integer >= 1, got {value!r}")
         if isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int) or self.seq_len < 2:
             raise LowbitError(f"QAT seq_len must be an integer >= 2, got {self.seq_len!r}")
+        if self.lr_unit not in DEFAULT_LR:
+            raise LowbitError(f"QAT lr_unit must be one of {', '.join(DEFAULT_LR)}, got {self.lr_unit!r}")
+        if self.lr_schedule not in SCHEDULES:
+            raise LowbitError(f"QAT lr_schedule must be one of {', '.join(SCHEDULES)}, got {self.lr_schedule!r}")
         for name in ("lr", "scale_lr", "temperature"):
             value = getattr(self, name)
-            if value is None and name == "scale_lr":
+            if value is None and name in ("lr", "scale_lr"):
                 continue
             if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value < math.inf:
                 raise LowbitError(f"QAT {name} must be a positive number, got {value!r}")
@@ -77,9 +93,25 @@ class QATConfig:
             if not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value < math.inf:
                 raise LowbitError(f"QAT {name} must be a number >= 0, got {value!r}")
 
+    @property
+    def learning_rate(self) -> float:
+        """``lr``, or the default of ``lr_unit``."""
+        return DEFAULT_LR[self.lr_unit] if self.lr is None else float(self.lr)
+
+    def lr_factor(self, step: int) -> float:
+        """The schedule's multiplier of the learning rates for the update of step ``step`` (0-based)."""
+        if self.lr_schedule == "constant" or not self.steps:
+            return 1.0
+        t = step / self.steps
+        return 1.0 - t if self.lr_schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * t))
+
     def fingerprint(self) -> dict[str, Any]:
-        """The settings that change the numbers of every step (``steps`` and ``save_every`` do not)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("steps", "save_every")}
+        """The settings that change the numbers of every step (``save_every`` does not, nor ``steps``
+        under a constant rate); ``lr`` as used."""
+        skip = ("steps", "save_every") if self.lr_schedule == "constant" else ("save_every",)
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        out["lr"] = self.learning_rate
+        return out
 
 
 def check_recipe_for_qat(recipe: Recipe) -> None:
@@ -146,14 +178,14 @@ def float_student(
         linear = student.get_submodule(name)
         assert isinstance(linear, nn.Linear)
         try:
-            student.set_submodule(name, QATLinear.from_linear(linear, wspec, act, config.lsq))
+            student.set_submodule(name, QATLinear.from_linear(linear, wspec, act, config.lsq, config.lr_unit))
         except LowbitError as e:
             raise LowbitError(f"{name}: {e}") from None
     return student, list(targets)
 
 
 def checkpoint_student(
-    start: nn.Module, teacher: nn.Module, recipe: Recipe, where: str | Path, lsq: bool
+    start: nn.Module, teacher: nn.Module, recipe: Recipe, where: str | Path, lsq: bool, unit: str = "absolute"
 ) -> tuple[nn.Module, list[str]]:
     """``start`` (a loaded lowbit checkpoint) with its ``QuantLinear``s as ``QATLinear``s; its layers
     and specs must be the ones ``recipe`` gives the float ``teacher``."""
@@ -176,26 +208,31 @@ def checkpoint_student(
                 f"{recipe.name!r} says {shown[2]} / {shown[3]}; leave --recipe out to use the checkpoint's own"
             )
         try:
-            start.set_submodule(name, QATLinear.from_quant_linear(layer, lsq))
+            start.set_submodule(name, QATLinear.from_quant_linear(layer, lsq, unit))
         except LowbitError as e:
             raise LowbitError(f"--from {where}: {name}: {e}") from None
     return start, list(targets)
 
 
-def freeze_all_but(student: nn.Module, names: list[str]) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """Turn off gradients everywhere but the ``QATLinear`` layers ``names``: (weights, LSQ scales)."""
+def freeze_all_but(
+    student: nn.Module, names: list[str]
+) -> tuple[list[nn.Parameter], list[nn.Parameter], list[nn.Parameter]]:
+    """Turn off gradients everywhere but the ``QATLinear`` layers ``names``: (weights in grid units,
+    weights in absolute units, LSQ scales)."""
     for p in student.parameters():
         p.requires_grad_(False)
-    weights, scales = [], []
+    grid: list[nn.Parameter] = []
+    absolute: list[nn.Parameter] = []
+    scales: list[nn.Parameter] = []
     for name in names:
         layer = student.get_submodule(name)
         assert isinstance(layer, QATLinear)
         layer.weight.requires_grad_(True)
-        weights.append(layer.weight)
+        (grid if layer.grid_units else absolute).append(layer.weight)
         for s in layer.trained_scales():
             s.requires_grad_(True)
             scales.append(s)
-    return weights, scales
+    return grid, absolute, scales
 
 
 def finished_model(student: nn.Module, names: list[str]) -> nn.Module:
