@@ -5,6 +5,7 @@ sequences; then the Spearman rank correlation of the two across layers."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowbit.algorithms.mofq import rank_correlation, ranks
 from lowbit.eval.metrics import kl_per_token
 from lowbit.qweight import quantize_weight
 from lowbit.scheme import QuantSpec
@@ -41,31 +43,12 @@ VARIANTS = (
 )
 
 
-def ranks(values: list[float]) -> list[float]:
-    """1-based ranks, ties sharing the mean of their positions."""
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    out = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for t in range(i, j + 1):
-            out[order[t]] = (i + j) / 2 + 1
-        i = j + 1
-    return out
-
-
 def spearman(a: list[float], b: list[float]) -> float | None:
-    """Spearman's rank correlation (Pearson's of the ranks); None when fewer than 2 values or a constant side."""
+    """Spearman's rank correlation (MoFQ's ``rank_correlation``); None when fewer than 2 values or a constant side."""
     if len(a) != len(b) or len(a) < 2:
         return None
-    ra, rb = ranks(a), ranks(b)
-    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
-    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb, strict=True))
-    va = sum((x - ma) ** 2 for x in ra)
-    vb = sum((y - mb) ** 2 for y in rb)
-    return None if va == 0 or vb == 0 else cov / (va * vb) ** 0.5
+    r = rank_correlation(a, b)
+    return None if math.isnan(r) else r
 
 
 @torch.inference_mode()
