@@ -1,7 +1,8 @@
 """QAT from a PTQ checkpoint on the demo model: the perplexity increase before and after, in one run.
 
     python bench/qat.py [--samples 16] [--windows 16] [--steps 100] [--seq-len 512] [--lr 3e-3]
-                        [--lr-unit grid|absolute] [--lr-schedule constant|cosine|linear] [--lsq] [--ptq DIR]
+                        [--lr-unit grid|absolute] [--lr-schedule constant|cosine|linear] [--lsq] [--scales-only]
+                        [--ptq DIR]
 
 1. PTQ start: ``w4a16`` (GPTQ, symmetric int4) in groups of 64 (``with_group_size``, as the other
    benches), calibrated on ``--samples`` x 512 tokens of the Shakespeare calib split, saved.
@@ -65,6 +66,7 @@ def main() -> int:
     ap.add_argument("--lr-unit", choices=("grid", "absolute"), default="grid")
     ap.add_argument("--lr-schedule", choices=("constant", "cosine", "linear"), default="constant")
     ap.add_argument("--lsq", action="store_true")
+    ap.add_argument("--scales-only", action="store_true", help="keep the codes, learn the scales (implies --lsq)")
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--ptq", default=None, help="reuse this w4a16 checkpoint (e.g. a previous run's) as the start")
     args = ap.parse_args()
@@ -92,7 +94,8 @@ def main() -> int:
         batch_size=args.batch_size,
         seq_len=args.seq_len,
         save_every=0,
-        lsq=args.lsq,
+        lsq=args.lsq or args.scales_only,
+        train_weights=not args.scales_only,
     )
     result = qat.train("demo", None, "demo", work / "qat", config, start=ptq, progress=True)
     losses = result.losses
@@ -104,7 +107,7 @@ def main() -> int:
     rows = scores(models, original, windows)
     made = f"{args.samples}x512 calib, {ptq_seconds:.0f} s" if args.ptq is None else f"from {args.ptq}"
     rows[1]["what"] = f"{recipe.name} (GPTQ), {made}"
-    lsq = " + LSQ" if args.lsq else ""
+    lsq = " scales only (LSQ)" if args.scales_only else " + LSQ" if args.lsq else ""
     rows[2]["what"] = (
         f"QAT{lsq} from it: {args.steps} steps x {args.batch_size}x{args.seq_len} tokens, lr {config.learning_rate:g} "
         f"({args.lr_unit}, {args.lr_schedule}), "

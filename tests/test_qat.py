@@ -352,6 +352,27 @@ def test_starting_from_a_ptq_checkpoint_reproduces_it_at_step_0(tmp_path: Path) 
                   progress=False)  # fmt: skip
 
 
+def test_scales_only_keeps_every_code_of_the_start_and_lowers_the_loss(tmp_path: Path) -> None:
+    """``train_weights=False`` with LSQ (EfficientQAT's E2E-QP): from a GPTQ checkpoint every integer
+    code stays, the scales move, and the distillation loss goes down."""
+    model, tok = tiny_llama(), byte_tokenizer()
+    recipe = Recipe(Scheme(weights=QuantSpec("int3", "group", 32, True)), (Step("gptq"),), "g3")
+    ptq = api.save_quantized(model, tok, tmp_path / "ptq", api.quantize(model, recipe, token_ids(8, SEQ, seed=5),
+                                                                      progress=False))  # fmt: skip
+    config = _config(steps=30, lr=3e-2, lsq=True, train_weights=False, save_every=0)
+    result = qat.train(tiny_llama(), None, _stream(), tmp_path / "qat", config, tokenizer=tok, start=ptq,
+                       progress=False)  # fmt: skip
+    before = [m.qweight for m in api.load_quantized(ptq)[0].modules() if isinstance(m, QuantLinear)]
+    after = [m.qweight for m in api.load_quantized(result.out)[0].modules() if isinstance(m, QuantLinear)]
+    assert len(before) == len(after) == 14
+    assert all(a is not None and b is not None and torch.equal(a.codes, b.codes)
+               for a, b in zip(before, after, strict=True))  # fmt: skip
+    assert any(not torch.equal(a.scale, b.scale) for a, b in zip(before, after, strict=True) if a and b)
+    assert sum(result.losses[-5:]) < sum(result.losses[:5])
+    with pytest.raises(LowbitError, match="--lsq"):
+        _config(train_weights=False).check()
+
+
 def test_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(LowbitError, match="unknown preset"):
         _train(tmp_path / "a", "w4a16-nope")

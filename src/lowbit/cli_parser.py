@@ -353,6 +353,11 @@ def _add_qat_parser(sub: Any) -> None:
     t.add_argument("--resume", action="store_true", help="continue an interrupted run into the same --out")
     t.add_argument("--lsq", action="store_true", help="learn the step sizes (LSQ, Esser et al. 2020)")
     t.add_argument(
+        "--scales-only",
+        action="store_true",
+        help="keep every weight's code and learn only the step sizes (implies --lsq; EfficientQAT's E2E-QP)",
+    )
+    t.add_argument(
         "--distill",
         action=argparse.BooleanOptionalAction,
         default=True,

@@ -181,7 +181,7 @@ def train(
     dev = torch.device(device)
     student.to(dev).eval()
     teacher.to(dev)
-    grid, absolute, scales = freeze_all_but(student, names)
+    grid, absolute, scales = freeze_all_but(student, names, config.train_weights)
     lr = config.learning_rate
     groups: list[dict[str, Any]] = []
     if grid:

@@ -45,6 +45,9 @@ class QATConfig:
     run's fingerprint: a decaying run resumes only to the same end). ``batch_size`` windows of
     ``seq_len`` tokens per step. ``save_every``:
     save the resumable state every this many steps (0: never). ``lsq``: learn the step sizes.
+    ``train_weights``: train the weights (default); ``False`` with ``lsq`` keeps every code of the
+    start and learns only the step sizes (EfficientQAT's end-to-end training of the quantization
+    parameters, Chen et al. 2024: from a GPTQ checkpoint it cannot undo GPTQ's rounding).
     ``distill``: KL to the float model's next-token distribution at ``temperature``; else next-token
     cross entropy on the text. ``weight_decay`` (AdamW, weights only), ``clip_norm`` (gradient norm
     clipping over all trained tensors; 0: none), ``seed`` (the window order),
@@ -59,6 +62,7 @@ class QATConfig:
     seq_len: int = 512
     save_every: int = 50
     lsq: bool = False
+    train_weights: bool = True
     scale_lr: float | None = None
     distill: bool = True
     temperature: float = 1.0
@@ -78,6 +82,8 @@ class QATConfig:
                 raise LowbitError(f"QAT {name} must be an integer >= 1, got {value!r}")
         if isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int) or self.seq_len < 2:
             raise LowbitError(f"QAT seq_len must be an integer >= 2, got {self.seq_len!r}")
+        if not self.train_weights and not self.lsq:
+            raise LowbitError("QAT with train_weights=False trains nothing without lsq: add --lsq to learn the scales")
         if self.lr_unit not in DEFAULT_LR:
             raise LowbitError(f"QAT lr_unit must be one of {', '.join(DEFAULT_LR)}, got {self.lr_unit!r}")
         if self.lr_schedule not in SCHEDULES:
@@ -215,10 +221,10 @@ def checkpoint_student(
 
 
 def freeze_all_but(
-    student: nn.Module, names: list[str]
+    student: nn.Module, names: list[str], train_weights: bool = True
 ) -> tuple[list[nn.Parameter], list[nn.Parameter], list[nn.Parameter]]:
     """Turn off gradients everywhere but the ``QATLinear`` layers ``names``: (weights in grid units,
-    weights in absolute units, LSQ scales)."""
+    weights in absolute units, LSQ scales); with ``train_weights`` False the weights stay frozen too."""
     for p in student.parameters():
         p.requires_grad_(False)
     grid: list[nn.Parameter] = []
@@ -227,8 +233,9 @@ def freeze_all_but(
     for name in names:
         layer = student.get_submodule(name)
         assert isinstance(layer, QATLinear)
-        layer.weight.requires_grad_(True)
-        (grid if layer.grid_units else absolute).append(layer.weight)
+        if train_weights:
+            layer.weight.requires_grad_(True)
+            (grid if layer.grid_units else absolute).append(layer.weight)
         for s in layer.trained_scales():
             s.requires_grad_(True)
             scales.append(s)
