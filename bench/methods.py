@@ -1,12 +1,16 @@
 """Issue 14's five methods against their baselines, in one table from one run.
 
-    python bench/methods.py [--quick] [--only rptq,fpq,bcq]
+    python bench/methods.py [--quick] [--only rptq,fpq,bcq] [--samples N --seq-len T --windows W --window-len L]
+                            [--mofq-blocks B]
 
 Each method family has its own script (``bench/methods_rptq.py``: RPTQ and MoFQ;
 ``bench/methods_fpq.py``: Olive and ZeroQuant-FP with LoRC; ``bench/methods_bcq.py``: LUT-GEMM's
 BCQ) whose ``rows(quick)`` quantizes the demo model with the method and with its baselines and
 evaluates each on the same held-out windows; this script runs them in turn and prints one table.
 ``--quick`` uses fewer calibration samples and evaluation windows (a smoke run, not a result).
+``--samples/--seq-len/--windows/--window-len`` set the calibration and evaluation sizes of every
+family at once (default 32 x 512 and 16 x 512; the full quantizers either way); ``--mofq-blocks B``
+runs MoFQ's rows on the first B blocks only (its model metric costs two model passes per layer).
 """
 
 from __future__ import annotations
@@ -49,12 +53,20 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer samples and windows (a smoke run)")
     parser.add_argument("--only", default=",".join(FAMILIES), help=f"families to run, of {','.join(FAMILIES)}")
     parser.add_argument("--json", type=Path, help="also write the rows to this file")
+    parser.add_argument("--samples", type=int, default=32, help="calibration samples (default 32)")
+    parser.add_argument("--seq-len", type=int, default=512, help="their tokens (default 512)")
+    parser.add_argument("--windows", type=int, default=16, help="held-out evaluation windows (default 16)")
+    parser.add_argument("--window-len", type=int, default=512, help="their tokens (default 512)")
+    parser.add_argument("--mofq-blocks", type=int, default=None, help="MoFQ on the first B blocks (0: all)")
     args = parser.parse_args()
+    sizes = None if args.quick else (args.samples, args.seq_len, args.windows, args.window_len)
     rows: list[dict[str, Any]] = []
     for name in filter(None, args.only.split(",")):
         if name not in FAMILIES:
             parser.error(f"unknown family {name!r}; choose from {', '.join(FAMILIES)}")
-        rows += _load(name).rows(args.quick)
+        family = _load(name)
+        extra = {"mofq_blocks": args.mofq_blocks} if name == "rptq" else {}
+        rows += family.rows(args.quick, sizes=sizes, **extra)
         print(table(rows), file=sys.stderr, flush=True)  # progress: the table so far
     print(table(rows))
     if args.json:

@@ -64,11 +64,14 @@ def _extra(report: Any, seconds: float) -> str:
     return f"{fit}quantize {seconds:.0f}s"
 
 
-def rows(quick: bool, bits: tuple[int, ...] | None = None, only: str = "") -> list[dict[str, Any]]:
-    samples, windows_n = (8, 4) if quick else (32, 16)
+def rows(
+    quick: bool, bits: tuple[int, ...] | None = None, only: str = "", sizes: tuple[int, int, int, int] | None = None
+) -> list[dict[str, Any]]:
+    """``sizes``: (calibration samples, their length, evaluation windows, their length)."""
+    samples, seq_len, windows_n, window_len = sizes or ((8, 512, 4, 512) if quick else (32, 512, 16, 512))
     original, tok = api.load_model("demo")
-    calib = api.calibration_samples(tok, "demo", n_samples=samples, seq_len=512, seed=0)
-    windows = api.eval_windows(tok, "demo", seq_len=512, n_windows=windows_n)
+    calib = api.calibration_samples(tok, "demo", n_samples=samples, seq_len=seq_len, seed=0)
+    windows = api.eval_windows(tok, "demo", seq_len=window_len, n_windows=windows_n)
     out = []
     for method, variant, baseline_of, recipe in variants(quick, bits):
         if only and not variant.startswith(only):

@@ -91,13 +91,17 @@ def _extra(report: RunReport) -> str:
 
 
 def rows(
-    quick: bool, methods: tuple[str, ...] = ("Olive", "ZeroQuant-FP"), only: tuple[str, ...] = ("",)
+    quick: bool,
+    methods: tuple[str, ...] = ("Olive", "ZeroQuant-FP"),
+    only: tuple[str, ...] = ("",),
+    sizes: tuple[int, int, int, int] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per case of ``methods``: {method, variant, baseline_of, bits_per_weight, ppl,
-    ppl_increase_pct, kl, extra} (and ``fp32_ppl``); ``only``: variants containing one of these."""
+    ppl_increase_pct, kl, extra} (and ``fp32_ppl``); ``only``: variants containing one of these;
+    ``sizes``: (calibration samples, their length, evaluation windows, their length)."""
     original, tok = api.load_model("demo")
     # quick: small enough for a shared 2-core machine (a few minutes a row there), so noisy
-    n_calib, calib_len, n_windows, window_len = (2, 128, 2, 256) if quick else (32, 512, 16, 512)
+    n_calib, calib_len, n_windows, window_len = sizes or ((2, 128, 2, 256) if quick else (32, 512, 16, 512))
     calib = api.calibration_samples(tok, "demo", n_samples=n_calib, seq_len=calib_len, seed=0)
     windows = api.eval_windows(tok, "demo", seq_len=window_len, n_windows=n_windows)
     out = []

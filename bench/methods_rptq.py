@@ -47,13 +47,18 @@ A8_TOKEN_SYM = QuantSpec("int8", "token", None, symmetric=True, dynamic=True)
 CLUSTER_COUNTS = (4, 16, 64)
 
 
-def _setup(quick: bool) -> dict[str, Any]:
+def _setup(
+    quick: bool, sizes: tuple[int, int, int, int] | None = None, mofq_blocks: int | None = None
+) -> dict[str, Any]:
+    """``sizes``: (calibration samples, their length, evaluation windows, their length), default by
+    ``quick``; ``mofq_blocks``: MoFQ on the first this many blocks (0: all; default 4 when quick)."""
     torch.manual_seed(0)
     model, tok = api.load_model("demo")
-    n, t = (4, 128) if quick else (32, 512)
+    n, t, w, wl = sizes or ((4, 128, 2, 256) if quick else (32, 512, 16, 512))
     calib = api.calibration_samples(tok, "demo", n_samples=n, seq_len=t, seed=0)
-    windows = api.eval_windows(tok, "demo", seq_len=256 if quick else 512, n_windows=2 if quick else 16)
-    return {"model": model, "calib": calib, "windows": windows, "quick": quick}
+    windows = api.eval_windows(tok, "demo", seq_len=wl, n_windows=w)
+    blocks = (4 if quick else 0) if mofq_blocks is None else mofq_blocks
+    return {"model": model, "calib": calib, "windows": windows, "quick": quick, "mofq_blocks": blocks}
 
 
 def _run(setup: dict[str, Any], recipe: Recipe) -> tuple[dict[str, Any], Any, float]:
@@ -197,13 +202,17 @@ def _spearman(report: Any) -> float:
 
 # --quick: MoFQ on the first four blocks only (28 layers): the model metric costs two forward
 # passes of the whole model per layer, too many for all 210 layers on a shared 2-core machine
-QUICK_TARGETS = (r"re:model\.layers\.[0-3]\..*",)
+
+
+def _first_blocks(n: int) -> tuple[str, ...]:
+    """Targets: every linear of blocks 0..n-1."""
+    return (r"re:model\.layers\.(" + "|".join(str(i) for i in range(n)) + r")\..*",)
 
 
 def mofq_rows(setup: dict[str, Any]) -> list[dict[str, Any]]:
-    quick = setup["quick"]
+    quick, blocks = setup["quick"], setup["mofq_blocks"]
     search = {"search_samples": 1 if quick else 4}
-    targets = {"targets": QUICK_TARGETS} if quick else {}
+    targets = {"targets": _first_blocks(blocks)} if blocks else {}
     out = []
     fp4 = dataclasses.replace(W4_G64, format="fp4_e2m1")
     fp8 = dataclasses.replace(W8_CH, format="fp8_e4m3")
@@ -217,8 +226,8 @@ def mofq_rows(setup: dict[str, Any]) -> list[dict[str, Any]]:
         ),
     )
     for label, int_scheme, fp_scheme in setups:
-        mofq_name = f"{label.lower()}-mofq" + (" blocks 0-3" if quick else "")
-        where = " blocks 0-3" if quick else ""
+        where = f" blocks 0-{blocks - 1}" if blocks else ""
+        mofq_name = f"{label.lower()}-mofq{where}"
         for name, scheme in ((f"all-INT {label}{where}", int_scheme), (f"all-FP {label}{where}", fp_scheme)):
             numbers, _, seconds = _run(setup, Recipe(scheme, (Step("rtn"),), name))
             out.append(_row("MoFQ", name, mofq_name, numbers, f"{seconds:.0f} s"))
@@ -233,8 +242,10 @@ def mofq_rows(setup: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def rows(quick: bool) -> list[dict[str, Any]]:
-    setup = _setup(quick)
+def rows(
+    quick: bool, sizes: tuple[int, int, int, int] | None = None, mofq_blocks: int | None = None
+) -> list[dict[str, Any]]:
+    setup = _setup(quick, sizes, mofq_blocks)
     return rptq_rows(setup) + recon_rows(setup) + mofq_rows(setup)
 
 
