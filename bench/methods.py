@@ -1,7 +1,7 @@
 """Issue 14's five methods against their baselines, in one table from one run.
 
     python bench/methods.py [--quick] [--only rptq,fpq,bcq] [--samples N --seq-len T --windows W --window-len L]
-                            [--mofq-blocks B]
+                            [--mofq-blocks B] [--rptq-weights gptq|rtn]
 
 Each method family has its own script (``bench/methods_rptq.py``: RPTQ and MoFQ;
 ``bench/methods_fpq.py``: Olive and ZeroQuant-FP with LoRC; ``bench/methods_bcq.py``: LUT-GEMM's
@@ -10,7 +10,8 @@ evaluates each on the same held-out windows; this script runs them in turn and p
 ``--quick`` uses fewer calibration samples and evaluation windows (a smoke run, not a result).
 ``--samples/--seq-len/--windows/--window-len`` set the calibration and evaluation sizes of every
 family at once (default 32 x 512 and 16 x 512; the full quantizers either way); ``--mofq-blocks B``
-runs MoFQ's rows on the first B blocks only (its model metric costs two model passes per layer).
+runs MoFQ's rows on the first B blocks only (its model metric costs two model passes per layer);
+``--rptq-weights rtn`` gives RPTQ's rows (and their activation baselines) RTN weights instead of GPTQ.
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ def main() -> int:
     parser.add_argument("--windows", type=int, default=16, help="held-out evaluation windows (default 16)")
     parser.add_argument("--window-len", type=int, default=512, help="their tokens (default 512)")
     parser.add_argument("--mofq-blocks", type=int, default=None, help="MoFQ on the first B blocks (0: all)")
+    parser.add_argument(
+        "--rptq-weights", choices=("gptq", "rtn"), default="gptq", help="the RPTQ rows' weight quantizer (default gptq)"
+    )
     args = parser.parse_args()
     sizes = None if args.quick else (args.samples, args.seq_len, args.windows, args.window_len)
     rows: list[dict[str, Any]] = []
@@ -65,7 +69,7 @@ def main() -> int:
         if name not in FAMILIES:
             parser.error(f"unknown family {name!r}; choose from {', '.join(FAMILIES)}")
         family = _load(name)
-        extra = {"mofq_blocks": args.mofq_blocks} if name == "rptq" else {}
+        extra = {"mofq_blocks": args.mofq_blocks, "rptq_weights": args.rptq_weights} if name == "rptq" else {}
         rows += family.rows(args.quick, sizes=sizes, **extra)
         print(table(rows), file=sys.stderr, flush=True)  # progress: the table so far
     print(table(rows))

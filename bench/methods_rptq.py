@@ -48,17 +48,22 @@ CLUSTER_COUNTS = (4, 16, 64)
 
 
 def _setup(
-    quick: bool, sizes: tuple[int, int, int, int] | None = None, mofq_blocks: int | None = None
+    quick: bool,
+    sizes: tuple[int, int, int, int] | None = None,
+    mofq_blocks: int | None = None,
+    rptq_weights: str = "gptq",
 ) -> dict[str, Any]:
     """``sizes``: (calibration samples, their length, evaluation windows, their length), default by
-    ``quick``; ``mofq_blocks``: MoFQ on the first this many blocks (0: all; default 4 when quick)."""
+    ``quick``; ``mofq_blocks``: MoFQ on the first this many blocks (0: all; default 4 when quick);
+    ``rptq_weights``: the RPTQ rows' weight quantizer, ``gptq`` (the presets') or ``rtn``."""
     torch.manual_seed(0)
     model, tok = api.load_model("demo")
     n, t, w, wl = sizes or ((4, 128, 2, 256) if quick else (32, 512, 16, 512))
     calib = api.calibration_samples(tok, "demo", n_samples=n, seq_len=t, seed=0)
     windows = api.eval_windows(tok, "demo", seq_len=wl, n_windows=w)
     blocks = (4 if quick else 0) if mofq_blocks is None else mofq_blocks
-    return {"model": model, "calib": calib, "windows": windows, "quick": quick, "mofq_blocks": blocks}
+    return {"model": model, "calib": calib, "windows": windows, "quick": quick, "mofq_blocks": blocks,
+            "rptq_weights": rptq_weights}  # fmt: skip
 
 
 def _run(setup: dict[str, Any], recipe: Recipe) -> tuple[dict[str, Any], Any, float]:
@@ -87,9 +92,9 @@ def _row(method: str, variant: str, baseline_of: str | None, numbers: dict[str, 
 # --- RPTQ ---------------------------------------------------------------------------------------
 
 
-def _weights_steps(recipe: Recipe, quick: bool) -> tuple[Step, ...]:
-    """The preset's weight quantizer (GPTQ), or RTN in quick mode."""
-    return (Step("rtn"),) if quick else tuple(s for s in recipe.steps if s.name != "rptq")
+def _weights_steps(recipe: Recipe, rtn: bool) -> tuple[Step, ...]:
+    """The preset's weight quantizer (GPTQ), or RTN (quick mode, or ``rptq_weights="rtn"``)."""
+    return (Step("rtn"),) if rtn else tuple(s for s in recipe.steps if s.name != "rptq")
 
 
 def rptq_rows(setup: dict[str, Any]) -> list[dict[str, Any]]:
@@ -98,8 +103,9 @@ def rptq_rows(setup: dict[str, Any]) -> list[dict[str, Any]]:
     for preset, weights in presets:
         base = get_preset(preset)
         w = weights or base.scheme.weights
-        quantizer = _weights_steps(base, setup["quick"])
-        tag = "" if not setup["quick"] else " (rtn)"
+        rtn = setup["quick"] or setup["rptq_weights"] == "rtn"
+        quantizer = _weights_steps(base, rtn)
+        tag = " (rtn)" if rtn else ""
         variants = [
             (f"{preset}{tag}", base.scheme.input_activations, (Step("rptq"), *quantizer), None),
             (f"W{w.bits}A8 static per-tensor{tag}", A8_TENSOR, quantizer, preset),
@@ -243,9 +249,12 @@ def mofq_rows(setup: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def rows(
-    quick: bool, sizes: tuple[int, int, int, int] | None = None, mofq_blocks: int | None = None
+    quick: bool,
+    sizes: tuple[int, int, int, int] | None = None,
+    mofq_blocks: int | None = None,
+    rptq_weights: str = "gptq",
 ) -> list[dict[str, Any]]:
-    setup = _setup(quick, sizes, mofq_blocks)
+    setup = _setup(quick, sizes, mofq_blocks, rptq_weights)
     return rptq_rows(setup) + recon_rows(setup) + mofq_rows(setup)
 
 
