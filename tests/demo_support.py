@@ -5,7 +5,6 @@ on the same windows, so only the quantized model's forward passes are repeated).
 from __future__ import annotations
 
 import copy
-import dataclasses
 from types import SimpleNamespace
 from typing import Any
 
@@ -14,7 +13,7 @@ from torch import nn
 
 from lowbit import api
 from lowbit.presets import get_preset
-from lowbit.scheme import Recipe
+from lowbit.scheme import Recipe, with_group_size
 
 
 class CachedLogits(nn.Module):
@@ -54,9 +53,6 @@ def run(
 
 
 def g64(preset: str, method: str | None = None) -> Recipe:
-    """A group-128 preset in groups of 64: lowbit refuses groups that do not divide 576."""
-    recipe = get_preset(preset)
-    assert recipe.scheme.weights is not None
-    weights = dataclasses.replace(recipe.scheme.weights, group_size=64)
-    recipe = dataclasses.replace(recipe, scheme=dataclasses.replace(recipe.scheme, weights=weights))
+    """A group-128 preset in groups of 64 (lowbit refuses groups that do not divide 576), with ``method``."""
+    recipe = with_group_size(get_preset(preset), 64)
     return api.with_method(recipe, method) if method else recipe
