@@ -169,6 +169,17 @@ def test_pipeline_learned_rounding_lowers_the_block_error() -> None:
         assert e["recon_loss_end"] <= e["recon_loss_start"]
 
 
+def test_training_on_the_first_tokens_is_used_on_a_llama_block() -> None:
+    """``tokens`` cuts each sequence (and the block's keyword arguments: position ids, rotary
+    cos/sin) to its first positions; on a causal llama block that cut is exact, so it is used.
+    The tiny llama's head size equals the sequence length (32): only position dimensions are cut."""
+    steps = (Step("rtn"), Step("adaround", {"iters": 2, "tokens": 8}))
+    _, _, extra = _run(steps)
+    assert extra and all(e["recon_exact_cut"] == 1.0 for e in extra.values()), extra
+    _, _, extra = _run((Step("rtn"), Step("adaround", {"iters": 2, "tokens": None})))
+    assert all(e["recon_exact_cut"] == 0.0 for e in extra.values())
+
+
 def test_w4a8_fake_quantizes_activations_during_reconstruction() -> None:
     a8 = QuantSpec("int8", "tensor", None, symmetric=True, observer="minmax")
     scheme = Scheme(weights=W4, input_activations=a8)

@@ -25,7 +25,10 @@ Two targets:
 
 - ``block`` (BRECQ): the block's output against the float block's (``ctx.teacher``), every
   target of the block learned together; mini-batches of ``batch`` calibration sequences (cut to
-  their first ``tokens`` positions), see ``reconstruction.py``.
+  their first ``tokens`` positions; default: whole sequences), see ``reconstruction.py``.
+  Cutting is exact but trains on the first positions only, which did not carry over to whole
+  sequences on the demo model: GPTQ start, 16 x 512 calibration, 200 iterations, block 0's loss
+  5.97 -> 2.64 on whole sequences but -> 5.14 on the first 128 positions (block 1: 2.53 / 5.04).
 - ``layer`` (AdaRound's asymmetric reconstruction): per layer ``||W X - W~ X~||^2`` with ``X~``
   the layer's input in the block whose earlier layers are already rounded (and ``X~``
   fake-quantized as the layer's activation spec says), and ``X`` the float-path input,
@@ -181,7 +184,7 @@ class AdaRound(Algorithm):
     lr: float | None = None
     lr_iters: float | None = None
     batch: int = 4
-    tokens: int | None = 128
+    tokens: int | None = None
     lam: float | None = None
     warmup: float = 0.2
     beta_start: float = 20.0
@@ -270,6 +273,7 @@ class AdaRound(Algorithm):
             _set_mode(rounders, "hard")
             loss_end = batches.loss(report) if self.iters else loss_start
         stats = {"recon_loss_start": loss_start, "recon_loss_end": loss_end}
+        stats["recon_exact_cut"] = float(batches.exact_cut)
         if not loss_end <= loss_start:  # NaN too: keep the quantizer's codes
             stats["recon_reverted"] = 1.0
             record(ctx, names, stats)
@@ -277,7 +281,6 @@ class AdaRound(Algorithm):
         for n in names:
             ctx.stats.setdefault(n, {})["recon_flipped"] = rounders[n].flipped()
             ctx.qweights[n] = rounders[n].result()
-        stats["recon_exact_cut"] = float(batches.exact_cut)
         record(ctx, names, stats)
 
     # ---- AdaRound: each layer's output ----------------------------------------------------------

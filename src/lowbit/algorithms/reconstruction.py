@@ -127,14 +127,20 @@ def block_loss(out: Any, target: torch.Tensor) -> torch.Tensor:
 
 
 def _cut(value: Any, length: int, tokens: int) -> Any:
-    """``value`` with every tensor dimension of size ``length`` cut to its first ``tokens``."""
+    """``value`` with its position dimensions of size ``length`` cut to their first ``tokens``:
+    dim 0 of a vector (cache positions), dim 1 of a (batch, positions[, features]) tensor
+    (position ids, rotary cos/sin), the last two of a 4-d mask (batch, heads, queries, keys).
+    Other dimensions stay whole even where their size equals ``length`` (a head size can)."""
     if isinstance(value, torch.Tensor):
-        for dim, size in enumerate(value.shape):
-            if size == length:
+        dims = {1: (0,), 2: (1,), 3: (1,), 4: (2, 3)}.get(value.dim(), ())
+        for dim in dims:
+            if value.shape[dim] == length:
                 value = value.narrow(dim, 0, tokens)
         return value
-    if isinstance(value, tuple):
-        return tuple(_cut(v, length, tokens) for v in value)
+    if isinstance(value, tuple | list):
+        return type(value)(_cut(v, length, tokens) for v in value)
+    if isinstance(value, dict):  # the block's keyword arguments (position ids, rotary cos/sin, mask)
+        return {k: _cut(v, length, tokens) for k, v in value.items()}
     return value
 
 
