@@ -180,6 +180,14 @@ def test_training_on_the_first_tokens_is_used_on_a_llama_block() -> None:
     assert all(e["recon_exact_cut"] == 0.0 for e in extra.values())
 
 
+def test_default_learning_rate_is_lr_iters_over_iters_capped_for_the_block_target() -> None:
+    assert AdaRound(iters=200).learning_rate() == pytest.approx(30 / 200)
+    assert AdaRound(iters=25).learning_rate() == pytest.approx(0.15)  # 30 / 25 = 1.2 capped
+    assert AdaRound(iters=25, lr_iters=30.0).learning_rate() == pytest.approx(1.2)  # asked for
+    assert AdaRound(iters=25, lr=0.5).learning_rate() == 0.5
+    assert AdaRound(iters=25, target="layer").learning_rate() == pytest.approx(10 / 25)
+
+
 def test_w4a8_fake_quantizes_activations_during_reconstruction() -> None:
     a8 = QuantSpec("int8", "tensor", None, symmetric=True, observer="minmax")
     scheme = Scheme(weights=W4, input_activations=a8)

@@ -48,7 +48,12 @@ and 1e-7 1.7e-3 at ``lr_iters`` 10, and 1.1e-3 / 1.2e-3 at ``lr_iters`` 30 (100 
 
 Learning rate: the paper's Adam lr 1e-3 goes with 10k-20k iterations; an affordable run here has
 hundreds, and ``V`` must be able to cross its active range (about [-2.4, 2.4]) within them, so
-the default ``lr`` is ``lr_iters / iters`` (the paper's product is 10-20).
+the default ``lr`` is ``lr_iters / iters`` (the paper's product is 10-20), at most
+``BLOCK_LR_CAP`` (0.15, the value at the default 200 steps) for the block target: Adam's first
+steps move every ``V`` by about ``lr``, and on the demo model (GPTQ start, 4 x 128 calibration)
+short runs at the uncapped rate flipped codes on noise and ended worse than GPTQ on blocks 0-2
+(25 steps, lr 1.2: 29 of 30 blocks, all reverted; 50, lr 0.6: all three; 100, lr 0.3: block 2), while 100 steps at
+lr 0.1 lowered all three.
 
 Defaults per target (``lam`` / ``lr_iters`` left unset), measured: block 0.01 / 30 (tiny llama,
 GPTQ grid, 100 iterations: block errors 9.8e-4 and 7.8e-4 against GPTQ's 3.3e-3 and 1.6e-3;
@@ -105,6 +110,7 @@ from lowbit.qweight import QuantizedWeight
 
 TARGETS = ("block", "layer")
 DEFAULTS = {"block": (0.01, 30.0), "layer": (0.1, 10.0)}  # (lam, lr_iters), see the module docstring
+BLOCK_LR_CAP = 0.15  # the block target's default lr is at most this (the value at 200 steps), see the docstring
 
 
 class SoftRounding:
@@ -219,7 +225,8 @@ class AdaRound(Algorithm):
         if self.lr is not None:
             return self.lr
         lr_iters = self.lr_iters if self.lr_iters is not None else DEFAULTS[self.target][1]
-        return lr_iters / max(self.iters, 1)
+        lr = lr_iters / max(self.iters, 1)
+        return min(lr, BLOCK_LR_CAP) if self.target == "block" and self.lr_iters is None else lr
 
     def weight(self) -> float:
         """The regulariser's weight ``lam`` (0.01 for the block target, 0.1 per layer)."""
