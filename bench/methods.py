@@ -23,8 +23,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from methods_table import COLUMNS as TABLE_COLUMNS  # bench/ is on the path when a bench script runs
+
 FAMILIES = ("rptq", "fpq", "bcq")
-COLUMNS = ("method", "variant", "baseline_of", "bits_per_weight", "ppl", "ppl_increase_pct", "kl", "extra")
+COLUMNS = tuple(c[0] for c in TABLE_COLUMNS)
 
 
 def _load(name: str) -> Any:

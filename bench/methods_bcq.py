@@ -27,6 +27,8 @@ import dataclasses
 import time
 from typing import Any
 
+from methods_table import COLUMNS  # bench/ is on the path when a bench script runs
+
 from lowbit import api
 from lowbit.eval import format_table
 from lowbit.presets import get_preset
@@ -98,18 +100,6 @@ def rows(
         print(f"{variant}: ppl {res.perplexity:.3f} (fp32 {base:.3f})", flush=True)
         del model
     return out
-
-
-COLUMNS = [
-    ("method", "method"),
-    ("variant", "variant"),
-    ("baseline_of", "baseline of"),
-    ("bits_per_weight", "bits/w", ".3f"),
-    ("ppl", "perplexity", ".3f"),
-    ("ppl_increase_pct", "ppl +%", "+.2f"),
-    ("kl", "KL", ".4f"),
-    ("extra", "extra"),
-]
 
 
 def main() -> int:

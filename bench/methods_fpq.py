@@ -19,6 +19,8 @@ import copy
 import dataclasses
 from typing import Any
 
+from methods_table import COLUMNS  # bench/ is on the path when a bench script runs
+
 from lowbit import api
 from lowbit.eval import format_table
 from lowbit.runreport import RunReport
@@ -139,17 +141,7 @@ def main() -> int:
     calib, windows = ("2 x 128", "2 x 256") if args.quick else ("32 x 512", "16 x 512")
     print(f"\nSmolLM2-135M-Instruct, {calib} calibration tokens, {windows} held-out evaluation tokens, "
           f"fp32 perplexity {table[0]['fp32_ppl']:.3f}")  # fmt: skip
-    columns = [
-        ("method", "method"),
-        ("variant", "variant"),
-        ("baseline_of", "baseline of"),
-        ("bits_per_weight", "bits/w", ".3f"),
-        ("ppl", "perplexity", ".3f"),
-        ("ppl_increase_pct", "ppl +%", "+.2f"),
-        ("kl", "KL", ".4f"),
-        ("extra", "extra"),
-    ]
-    print(format_table(table, columns))  # type: ignore[arg-type]
+    print(format_table(table, COLUMNS))  # type: ignore[arg-type]
     return 0
 
 

@@ -27,6 +27,7 @@ import time
 from typing import Any
 
 import torch
+from methods_table import COLUMNS  # bench/ is on the path when a bench script runs
 from torch import nn
 
 from lowbit import api
@@ -269,17 +270,7 @@ def main() -> int:
         table = {"rptq": rptq_rows, "recon": recon_rows, "mofq": mofq_rows}[args.only](setup)
     else:
         table = rows(args.quick)
-    columns = [
-        ("method", "method"),
-        ("variant", "variant"),
-        ("baseline_of", "baseline of"),
-        ("bits_per_weight", "bits/w", ".3f"),
-        ("ppl", "perplexity", ".3f"),
-        ("ppl_increase_pct", "ppl +%", "+.2f"),
-        ("kl", "KL", ".4f"),
-        ("extra", "extra"),
-    ]
-    print(format_table(table, columns))  # type: ignore[arg-type]
+    print(format_table(table, COLUMNS))  # type: ignore[arg-type]
     print(f"({time.perf_counter() - start:.0f} s)")
     return 0
 
