@@ -231,14 +231,14 @@ def test_presets_save_and_load(preset: str, tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(
     not os.environ.get("LOWBIT_LONG_TESTS"),
-    reason="long (three demo quantizations, about 15 min on one core): set LOWBIT_LONG_TESTS=1",
+    reason="long (three demo quantizations, 20 min on one core of a busy 2-core machine): set LOWBIT_LONG_TESTS=1",
 )
 def test_demo_kl_ordering_ar_gptq_rtn() -> None:
     """On the demo model (groups of 64, symmetric 4-bit: not the grid its weights were stored on),
     KL(fp32 || quantized) orders w4a16-ar < w4a16 (GPTQ) < w4a16-rtn. Kept short: 4 x 128
     calibration tokens, 100 reconstruction steps per block at Adam lr 0.1, 4 evaluation windows of
-    256 tokens. (25 steps at the default lr, 30 / 25, flipped codes on noise: every block's result
-    was worse than GPTQ's and reverted; 100 steps at lr 0.1 lowered blocks 0-2's loss 1.25 -> 1.15,
+    256 tokens. (25 steps at the default lr, 30 / 25, flipped codes on noise: 29 of 30 blocks came
+    out worse than GPTQ's and were reverted; 100 steps at lr 0.1 lowered blocks 0-2's loss 1.25 -> 1.15,
     1.51 -> 1.04, 2.71 -> 1.94.)"""
     import copy
 

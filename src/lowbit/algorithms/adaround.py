@@ -51,9 +51,9 @@ hundreds, and ``V`` must be able to cross its active range (about [-2.4, 2.4]) w
 the default ``lr`` is ``lr_iters / iters`` (the paper's product is 10-20), at most
 ``BLOCK_LR_CAP`` (0.15, the value at the default 200 steps) for the block target: Adam's first
 steps move every ``V`` by about ``lr``, and on the demo model (GPTQ start, 4 x 128 calibration)
-short runs at the uncapped rate flipped codes on noise and ended worse than GPTQ on blocks 0-2
-(25 steps, lr 1.2: 29 of 30 blocks, all reverted; 50, lr 0.6: all three; 100, lr 0.3: block 2), while 100 steps at
-lr 0.1 lowered all three.
+short runs at the uncapped rate flipped codes on noise and ended worse than GPTQ (25 steps,
+lr 1.2: 29 of 30 blocks; of blocks 0-2, 50 steps at lr 0.6: all three, 100 at lr 0.3: block 2),
+while 100 steps at lr 0.1 lowered all three.
 
 Defaults per target (``lam`` / ``lr_iters`` left unset), measured: block 0.01 / 30 (tiny llama,
 GPTQ grid, 100 iterations: block errors 9.8e-4 and 7.8e-4 against GPTQ's 3.3e-3 and 1.6e-3;
