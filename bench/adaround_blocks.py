@@ -1,0 +1,64 @@
+"""AdaRound's block reconstruction on the demo model's first blocks: each block's loss before and
+after (GPTQ's codes as the start), for trying learning rates, step counts and token cuts cheaply.
+
+    python bench/adaround_blocks.py [--blocks 3] [--samples 4] [--seq-len 128] [--preset w4a16-ar]
+                                    [--set iters=100 --set lr=0.1 --set tokens=128] [--threads N]
+
+Only the first ``--blocks`` blocks are quantized (groups of 64); the rest of the model only runs
+forward. A line per block: ``loss start -> end``, the share of codes flipped, and whether the
+result was reverted (its loss on the report batches above the start's, so GPTQ's codes stay).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+
+import torch
+
+from lowbit import api
+from lowbit.presets import get_preset
+from lowbit.scheme import Step, with_group_size
+
+LEARNED = ("adaround", "signround")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--blocks", type=int, default=3)
+    ap.add_argument("--samples", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--preset", default="w4a16-ar")
+    ap.add_argument("--set", action="append", default=[], help="KEY=VALUE for the learned-rounding step")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    overrides = {k: json.loads(v) for k, _, v in (item.partition("=") for item in args.set)}
+    model, tok = api.load_model("demo")
+    calib = api.calibration_samples(tok, "demo", n_samples=args.samples, seq_len=args.seq_len, seed=0)
+    recipe = with_group_size(get_preset(args.preset), 64)
+    targets = (r"re:model\.layers\.(" + "|".join(str(i) for i in range(args.blocks)) + r")\..*",)
+    steps = tuple(Step(s.name, {**s.params, **overrides}) if s.name in LEARNED else s for s in recipe.steps)
+    recipe = dataclasses.replace(recipe, scheme=dataclasses.replace(recipe.scheme, targets=targets), steps=steps)
+    start = time.perf_counter()
+    report = api.quantize(model, recipe, calib, progress=False)
+    seen: set[str] = set()
+    for row in report.layers:
+        block, e = row.name.split(".")[2], row.extra
+        if block in seen or "recon_loss_start" not in e:
+            continue
+        seen.add(block)
+        print(
+            f"block {block}: {e['recon_loss_start']:.4g} -> {e['recon_loss_end']:.4g}, "
+            f"flipped {e.get('recon_flipped', 0.0):.3f}, reverted {bool(e.get('recon_reverted'))}"
+        )
+    seconds = time.perf_counter() - start
+    print(f"{args.samples} x {args.seq_len} calibration tokens, overrides {overrides}, {seconds:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
