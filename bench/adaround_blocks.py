@@ -17,12 +17,9 @@ import json
 import time
 
 import torch
+from learned_rounding import recipe_for  # bench/ is on the path when a bench script runs
 
 from lowbit import api
-from lowbit.presets import get_preset
-from lowbit.scheme import Step, with_group_size
-
-LEARNED = ("adaround", "signround")
 
 
 def main() -> int:
@@ -39,10 +36,9 @@ def main() -> int:
     overrides = {k: json.loads(v) for k, _, v in (item.partition("=") for item in args.set)}
     model, tok = api.load_model("demo")
     calib = api.calibration_samples(tok, "demo", n_samples=args.samples, seq_len=args.seq_len, seed=0)
-    recipe = with_group_size(get_preset(args.preset), 64)
+    recipe = recipe_for(args.preset, 64, overrides)
     targets = (r"re:model\.layers\.(" + "|".join(str(i) for i in range(args.blocks)) + r")\..*",)
-    steps = tuple(Step(s.name, {**s.params, **overrides}) if s.name in LEARNED else s for s in recipe.steps)
-    recipe = dataclasses.replace(recipe, scheme=dataclasses.replace(recipe.scheme, targets=targets), steps=steps)
+    recipe = dataclasses.replace(recipe, scheme=dataclasses.replace(recipe.scheme, targets=targets))
     start = time.perf_counter()
     report = api.quantize(model, recipe, calib, progress=False)
     seen: set[str] = set()
