@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import time
 
 import torch
-from learned_rounding import recipe_for  # bench/ is on the path when a bench script runs
+from learned_rounding import parse_sets, recipe_for  # bench/ is on the path when a bench script runs
 
 from lowbit import api
 
@@ -33,7 +32,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    overrides = {k: json.loads(v) for k, _, v in (item.partition("=") for item in args.set)}
+    overrides = parse_sets(args.set)
     model, tok = api.load_model("demo")
     calib = api.calibration_samples(tok, "demo", n_samples=args.samples, seq_len=args.seq_len, seed=0)
     recipe = recipe_for(args.preset, 64, overrides)
@@ -49,7 +48,8 @@ def main() -> int:
         seen.add(block)
         print(
             f"block {block}: {e['recon_loss_start']:.4g} -> {e['recon_loss_end']:.4g}, "
-            f"flipped {e.get('recon_flipped', 0.0):.3f}, reverted {bool(e.get('recon_reverted'))}"
+            f"flipped {e.get('recon_flipped', 0.0):.3f}, reverted {bool(e.get('recon_reverted'))}, "
+            f"{e.get('recon_seconds', 0.0):.1f} s"
         )
     seconds = time.perf_counter() - start
     print(f"{args.samples} x {args.seq_len} calibration tokens, overrides {overrides}, {seconds:.0f} s")

@@ -47,6 +47,21 @@ def recipe_for(name: str, group_size: int, overrides: dict[str, Any]) -> Recipe:
     return dataclasses.replace(recipe, steps=steps)
 
 
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` overrides: VALUE as JSON (numbers, true/false, null), else as a plain string
+    (``precision=bf16``)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set wants KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 def baseline_of(name: str) -> str | None:
     """The GPTQ preset a learned-rounding preset is compared with (same bits)."""
     if name.endswith("-ar") or name.endswith("-signround"):
@@ -67,7 +82,7 @@ def main() -> int:
     if args.quick:
         args.samples, args.seq_len, args.windows = 8, 256, 4
     names = (args.rows or (QUICK_ROWS if args.quick else ROWS)).split(",")
-    overrides = {k: json.loads(v) for k, _, v in (item.partition("=") for item in args.set)}
+    overrides = parse_sets(args.set)
 
     original, tok = api.load_model("demo")
     calib = api.calibration_samples(tok, "demo", n_samples=args.samples, seq_len=args.seq_len, seed=0)

@@ -9,6 +9,7 @@ import dataclasses
 import math
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from tiny_models import tiny_llama, token_ids
 from lowbit import api
 from lowbit.algorithms import build_algorithm
 from lowbit.algorithms.adaround import AdaRound, SoftRounding, gram_loss, learn_layer_rounding
+from lowbit.algorithms.reconstruction import MiniBatches, autocast, bf16_is_fast
 from lowbit.algorithms.rounding import (
     GAMMA,
     ZETA,
@@ -180,12 +182,84 @@ def test_training_on_the_first_tokens_is_used_on_a_llama_block() -> None:
     assert all(e["recon_exact_cut"] == 0.0 for e in extra.values())
 
 
+class _RowBlock(torch.nn.Module):
+    """Each sequence's output depends on its own row only (``mix``: on the batch mean too)."""
+
+    def __init__(self, mix: bool = False) -> None:
+        super().__init__()
+        self.mix = mix
+
+    def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        out = 2 * hidden + position_ids[..., None].to(hidden.dtype)
+        return out + hidden.mean(0, keepdim=True) if self.mix else out
+
+
+def _toy_ctx(block: torch.nn.Module) -> SimpleNamespace:
+    torch.manual_seed(0)
+    inputs = [(torch.randn(b, 5, 3), {"position_ids": torch.arange(5)[None].expand(b, -1)}) for b in (4, 4, 3)]
+    with torch.no_grad():
+        teacher = [block(h, **kw) for h, kw in inputs]
+    return SimpleNamespace(inputs=inputs, teacher=teacher, block=block)
+
+
+def test_fewer_sequences_than_the_runner_batch_train_on_row_slices() -> None:
+    """``batch`` counts sequences: below the runner's batch of 4, a step takes that many rows of
+    one batch (keyword arguments sliced alike), every sequence once per epoch; where the rows
+    are not independent the whole batches stay."""
+    block = _RowBlock()
+    batches = MiniBatches(_toy_ctx(block), 1, None, 0)  # type: ignore[arg-type]
+    assert batches.exact_rows and batches.per_step == 1 and len(batches.units) == 11
+    seen = set()
+    for _ in range(11):
+        (u,) = batches.draw()
+        hidden, kwargs, target = batches.get(u)
+        assert hidden.shape == (1, 5, 3) and kwargs["position_ids"].shape == (1, 5)
+        assert torch.equal(block(hidden, **kwargs), target)  # the slice's teacher rows
+        seen.add(batches.units[u])
+    assert len(seen) == 11
+    two = MiniBatches(_toy_ctx(_RowBlock()), 2, None, 0)  # type: ignore[arg-type]
+    assert sorted({tuple(two.get(u)[0].shape) for u in range(len(two.units))}) == [(1, 5, 3), (2, 5, 3)]
+    mixed = MiniBatches(_toy_ctx(_RowBlock(mix=True)), 1, None, 0)  # type: ignore[arg-type]
+    assert not mixed.exact_rows and len(mixed.units) == 3 and mixed.get(0)[0].shape == (4, 5, 3)
+    _, _, extra = _run((Step("rtn"), Step("adaround", {"iters": 2, "batch": 1})))
+    assert extra and all(e["recon_exact_rows"] == 1.0 for e in extra.values()), extra
+
+
 def test_default_learning_rate_is_lr_iters_over_iters_capped_for_the_block_target() -> None:
     assert AdaRound(iters=200).learning_rate() == pytest.approx(30 / 200)
     assert AdaRound(iters=25).learning_rate() == pytest.approx(0.15)  # 30 / 25 = 1.2 capped
     assert AdaRound(iters=25, lr_iters=30.0).learning_rate() == pytest.approx(1.2)  # asked for
     assert AdaRound(iters=25, lr=0.5).learning_rate() == 0.5
     assert AdaRound(iters=25, target="layer").learning_rate() == pytest.approx(10 / 25)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_both_precisions_lower_the_block_error(precision: str) -> None:
+    """``precision="bf16"`` autocasts the gradient passes only: the losses that decide whether a
+    result is kept stay float32, so the block error still ends below GPTQ's and never above the
+    start ("auto", the default, is one of the two depending on the CPU)."""
+    gptq = (Step("gptq", {"act_order": True, "static_groups": True}),)
+    _, errors, _ = _run(gptq)
+    _, block, extra = _run((*gptq, Step("adaround", {"iters": 40, "precision": precision})))
+    assert sum(block) < sum(errors), (block, errors)
+    for e in extra.values():
+        assert e["recon_loss_end"] <= e["recon_loss_start"]
+
+
+def test_autocast_follows_the_precision() -> None:
+    a, b = torch.randn(4, 8), torch.randn(8, 3)
+    cpu = torch.device("cpu")
+    with autocast(cpu, "fp32"):
+        assert (a @ b).dtype == torch.float32
+    with autocast(cpu, "bf16"):
+        assert (a @ b).dtype == torch.bfloat16
+    with autocast(cpu, "auto"):
+        assert (a @ b).dtype == (torch.bfloat16 if bf16_is_fast(cpu) else torch.float32)
+    with pytest.raises(ValueError, match="precision"):
+        autocast(cpu, "fp16")
+    for name in ("adaround", "signround"):
+        with pytest.raises(LowbitError, match="precision"):
+            build_algorithm(name, {"precision": "half"})
 
 
 def test_w4a8_fake_quantizes_activations_during_reconstruction() -> None:

@@ -82,6 +82,7 @@ from tqdm.auto import tqdm
 
 from lowbit.algorithms.base import Algorithm, BlockContext, register
 from lowbit.algorithms.reconstruction import (
+    PRECISIONS,
     MiniBatches,
     StudentLayer,
     activation_quantizers,
@@ -189,7 +190,7 @@ class AdaRound(Algorithm):
     iters: int = 200
     lr: float | None = None
     lr_iters: float | None = None
-    batch: int = 4
+    batch: int = 1
     tokens: int | None = None
     lam: float | None = None
     warmup: float = 0.2
@@ -198,6 +199,7 @@ class AdaRound(Algorithm):
     report_batches: int = 2
     seed: int = 0
     init: str = "codes"
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         if self.init not in INITS:
@@ -208,6 +210,8 @@ class AdaRound(Algorithm):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "iters" else 1):
                 raise ValueError(f"{key} must be an integer >= {0 if key == 'iters' else 1}, got {value!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
         if self.tokens is not None and (not isinstance(self.tokens, int) or self.tokens < 1):
             raise ValueError(f"tokens must be a positive integer or null, got {self.tokens!r}")
         if self.lr is not None:
@@ -258,7 +262,7 @@ class AdaRound(Algorithm):
         }
         params = [r.v for r in rounders.values()]
         with student(ctx.block, layers):
-            batches = MiniBatches(ctx, self.batch, self.tokens, self.seed)
+            batches = MiniBatches(ctx, self.batch, self.tokens, self.seed, self.precision)
             report = report_batches(ctx, self.report_batches)
             _set_mode(rounders, "hard")
             loss_start = batches.loss(report)
@@ -281,6 +285,7 @@ class AdaRound(Algorithm):
             loss_end = batches.loss(report) if self.iters else loss_start
         stats = {"recon_loss_start": loss_start, "recon_loss_end": loss_end}
         stats["recon_exact_cut"] = float(batches.exact_cut)
+        stats["recon_exact_rows"] = float(batches.exact_rows)
         if not loss_end <= loss_start:  # NaN too: keep the quantizer's codes
             stats["recon_reverted"] = 1.0
             record(ctx, names, stats)

@@ -11,10 +11,13 @@ paused by the runner, so autograd covers only this block and only the step's par
 The loss is BRECQ's reconstruction error of the block output against ``ctx.teacher`` (the float
 block's outputs on the same inputs, computed once by the runner): squared error summed over the
 hidden size, averaged over tokens. ``MiniBatches`` draws the calibration batches of each step
-(seeded); with ``tokens`` every sequence is cut to its first ``tokens`` positions, which is exact
-for a causal block (the first positions' outputs depend only on the first positions' inputs)
-and is checked once per block against the full-length output, falling back to full length when
-the block's keyword arguments cannot be cut that way.
+(seeded; ``sequences`` per step, slicing rows of a runner batch when fewer than it holds); the
+gradient passes run under bf16 autocast where the device does bf16 natively (``precision``
+"auto"), the losses that decide what is kept in float32; with ``tokens`` every sequence is
+cut to its first ``tokens`` positions, which is exact for a causal block (the first positions'
+outputs depend only on the first positions' inputs) and is checked once per block against the
+full-length output, falling back to full length when the block's keyword arguments cannot be
+cut that way.
 """
 
 from __future__ import annotations
@@ -144,32 +147,82 @@ def _cut(value: Any, length: int, tokens: int) -> Any:
     return value
 
 
-def autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    """bf16 autocast on a CUDA device that supports it; nothing elsewhere (CPU bf16 is slow on
-    most CPUs and the student's float32 arithmetic is what the quantized model runs)."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def bf16_is_fast(device: torch.device) -> bool:
+    """Whether ``device`` runs bf16 matmuls natively: a CUDA device with bf16 support, or a CPU
+    with AVX512-BF16 or AMX (there oneDNN's bf16 matmul is about twice fp32's speed)."""
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        cpu = torch.cpu
+        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+    return False
+
+
+def _rows(value: Any, batch: int, start: int, count: int) -> Any:
+    """``value`` with the batch dimension (dim 0 of size ``batch`` of a tensor of 2 or more
+    dimensions: position ids, rotary cos/sin, masks) narrowed to ``count`` rows from ``start``;
+    broadcast (size 1) and 1-d tensors (cache positions) stay whole."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() >= 2 and value.shape[0] == batch and batch > 1:
+            return value.narrow(0, start, count)
+        return value
+    if isinstance(value, tuple | list):
+        return type(value)(_rows(v, batch, start, count) for v in value)
+    if isinstance(value, dict):
+        return {k: _rows(v, batch, start, count) for k, v in value.items()}
+    return value
+
+
+def autocast(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager[Any]:
+    """The training passes' autocast: bf16 when ``precision`` is "bf16", or "auto" and
+    ``bf16_is_fast(device)``; nothing for "fp32". Only the gradient passes use it: the losses
+    that decide whether a result is kept (``MiniBatches.loss``) are float32, as the quantized
+    model runs."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    if precision == "bf16" or (precision == "auto" and bf16_is_fast(device)):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
 class MiniBatches:
     """Mini-batches of a block's calibration batches for a reconstruct step.
 
-    A step uses ``ceil(sequences / B)`` of the runner's batches of ``B`` sequences (at least one,
-    at most all), drawn without replacement in a seeded random order, reshuffled each epoch; with
-    ``tokens`` each sequence is cut to its first ``tokens`` positions (checked exact, see the
-    module docstring). ``exact_cut`` says whether the cut is in use.
+    A step trains on ``sequences`` calibration sequences: ``ceil(sequences / B)`` of the runner's
+    batches of ``B`` sequences (at most all) or, when ``sequences < B``, a slice of ``sequences``
+    rows of one of them (the block's keyword arguments sliced the same way where they have a
+    batch dimension; checked once against the whole batch's output, whole batches otherwise).
+    Drawn without replacement in a seeded random order, reshuffled each epoch; with ``tokens``
+    each sequence is cut to its first ``tokens`` positions (checked exact, see the module
+    docstring). ``exact_cut`` / ``exact_rows`` say whether the cut / the row slices are in use.
     """
 
-    def __init__(self, ctx: BlockContext, sequences: int, tokens: int | None, seed: int) -> None:
+    def __init__(
+        self, ctx: BlockContext, sequences: int, tokens: int | None, seed: int, precision: str = "fp32"
+    ) -> None:
         assert ctx.teacher is not None
+        self.precision = precision
         self.ctx, self.teacher = ctx, ctx.teacher
         n = len(ctx.inputs)
         if n == 0:
             raise LowbitError("a reconstruct step needs calibration inputs")
-        per_batch = ctx.inputs[0][0].shape[0]
-        self.per_step = min(n, max(1, math.ceil(sequences / per_batch)))
+        per_batch = int(ctx.inputs[0][0].shape[0])
         self.length = int(ctx.inputs[0][0].shape[1])
+        self.rows = sequences if sequences < per_batch else None
+        self.exact_rows = self.rows is not None and self._rows_are_exact()
+        if self.exact_rows:
+            assert self.rows is not None
+            step = self.rows
+            self.units = [(i, r) for i, (h, _) in enumerate(ctx.inputs) for r in range(0, int(h.shape[0]), step)]
+            self.per_step = 1
+        else:
+            self.rows = None
+            self.units = [(i, 0) for i in range(n)]
+            self.per_step = min(n, max(1, math.ceil(sequences / per_batch)))
         self.tokens = tokens if tokens is not None and tokens < self.length else None
         self.exact_cut = self.tokens is not None and self._cut_is_exact()
         if not self.exact_cut:
@@ -177,44 +230,66 @@ class MiniBatches:
         self._gen = torch.Generator().manual_seed(seed)
         self._order: list[int] = []
 
-    def _cut_is_exact(self) -> bool:
-        assert self.tokens is not None
-        hidden, kwargs = self.ctx.inputs[0]
+    def _same(self, full: torch.Tensor, part: Callable[[], Any]) -> bool:
         try:
             with torch.no_grad():
-                full = _first(self.ctx.block(hidden, **kwargs))[:, : self.tokens]
-                cut = _first(self.ctx.block(hidden[:, : self.tokens], **_cut(kwargs, self.length, self.tokens)))
+                got = _first(part())
         except (RuntimeError, ValueError, IndexError):
             return False
         scale = float(full.abs().max()) or 1.0
-        return cut.shape == full.shape and bool(torch.allclose(cut, full, rtol=1e-3, atol=1e-4 * scale))
+        return got.shape == full.shape and bool(torch.allclose(got, full, rtol=1e-3, atol=1e-4 * scale))
+
+    def _rows_are_exact(self) -> bool:
+        assert self.rows is not None
+        hidden, kwargs = self.ctx.inputs[0]
+        b, r = int(hidden.shape[0]), self.rows
+        with torch.no_grad():
+            full = _first(self.ctx.block(hidden, **kwargs))[:r]
+        return self._same(full, lambda: self.ctx.block(hidden[:r], **_rows(kwargs, b, 0, r)))
+
+    def _cut_is_exact(self) -> bool:
+        assert self.tokens is not None
+        hidden, kwargs, _ = self._unit(0)
+        t = self.tokens
+        with torch.no_grad():
+            full = _first(self.ctx.block(hidden, **kwargs))[:, :t]
+        return self._same(full, lambda: self.ctx.block(hidden[:, :t], **_cut(kwargs, self.length, t)))
 
     def draw(self) -> list[int]:
-        """The indices of the next step's batches."""
+        """The indices (into ``units``) of the next step's batches or batch slices."""
         out: list[int] = []
         while len(out) < self.per_step:
             if not self._order:
-                self._order = torch.randperm(len(self.ctx.inputs), generator=self._gen).tolist()
+                self._order = torch.randperm(len(self.units), generator=self._gen).tolist()
             out.append(self._order.pop())
         return out
 
-    def get(self, i: int, full: bool = False) -> tuple[torch.Tensor, dict[str, Any], torch.Tensor]:
-        """Batch ``i``: (hidden, keyword arguments, teacher outputs), cut unless ``full``."""
+    def _unit(self, u: int) -> tuple[torch.Tensor, dict[str, Any], torch.Tensor]:
+        i, r = self.units[u]
         hidden, kwargs = self.ctx.inputs[i]
         target = self.teacher[i].to(hidden.device)
-        if self.tokens is None or full:
+        if self.rows is None:
+            return hidden, kwargs, target
+        b = int(hidden.shape[0])
+        n = min(self.rows, b - r)  # the runner's last batch can be short
+        return hidden[r : r + n], _rows(kwargs, b, r, n), target[r : r + n]
+
+    def get(self, u: int) -> tuple[torch.Tensor, dict[str, Any], torch.Tensor]:
+        """Training unit ``u``: (hidden, keyword arguments, teacher outputs), sliced and cut."""
+        hidden, kwargs, target = self._unit(u)
+        if self.tokens is None:
             return hidden, kwargs, target
         t = self.tokens
         return hidden[:, :t], _cut(kwargs, self.length, t), target[:, :t]
 
-    def backward(self, indices: Sequence[int], scale: float = 1.0) -> float:
-        """Add the gradients of ``scale`` times the mean loss over ``indices``; returns that (float)."""
+    def backward(self, units: Sequence[int], scale: float = 1.0) -> float:
+        """Add the gradients of ``scale`` times the mean loss over ``units``; returns that (float)."""
         total = 0.0
-        for i in indices:
-            hidden, kwargs, target = self.get(i)
-            with autocast(hidden.device):
+        for u in units:
+            hidden, kwargs, target = self.get(u)
+            with autocast(hidden.device, self.precision):
                 out = self.ctx.block(hidden, **kwargs)
-            loss = block_loss(out, target) * (scale / len(indices))
+            loss = block_loss(out, target) * (scale / len(units))
             if not torch.isfinite(loss):
                 raise FloatingPointError("reconstruction loss is not finite")
             loss.backward()
@@ -222,12 +297,12 @@ class MiniBatches:
         return total
 
     @torch.no_grad()
-    def loss(self, indices: Sequence[int], full: bool = True) -> float:
-        """Mean loss over ``indices`` of the student as it is now (full length by default)."""
+    def loss(self, indices: Sequence[int]) -> float:
+        """Mean loss over the runner's batches ``indices`` (whole, full length) of the student as it is now."""
         total = 0.0
         for i in indices:
-            hidden, kwargs, target = self.get(i, full=full)
-            total += float(block_loss(self.ctx.block(hidden, **kwargs), target))
+            hidden, kwargs = self.ctx.inputs[i]
+            total += float(block_loss(self.ctx.block(hidden, **kwargs), self.teacher[i].to(hidden.device)))
         return total / max(len(indices), 1)
 
 

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from lowbit.algorithms.base import Algorithm, BlockContext, register
 from lowbit.algorithms.reconstruction import (
+    PRECISIONS,
     MiniBatches,
     StudentLayer,
     activation_quantizers,
@@ -127,12 +128,15 @@ class SignRound(Algorithm):
     min_clip: float = 0.5
     report_batches: int = 2
     seed: int = 0
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         for key in ("iters", "batch", "report_batches"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "iters" else 1):
                 raise ValueError(f"{key} must be an integer >= {0 if key == 'iters' else 1}, got {value!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
         if self.tokens is not None and (not isinstance(self.tokens, int) or self.tokens < 1):
             raise ValueError(f"tokens must be a positive integer or null, got {self.tokens!r}")
         if self.lr is not None:
@@ -179,7 +183,7 @@ class SignRound(Algorithm):
         lr = self.lr if self.lr is not None else 1.0 / max(self.iters, 1)
         params = [p for learner in learners.values() for p in learner.params()]
         with student(ctx.block, given):
-            batches = MiniBatches(ctx, self.batch, self.tokens, self.seed)
+            batches = MiniBatches(ctx, self.batch, self.tokens, self.seed, self.precision)
             report = report_batches(ctx, self.report_batches)
             loss_start = batches.loss(report)
         with student(ctx.block, layers):
