@@ -202,7 +202,7 @@ class MiniBatches:
     """
 
     def __init__(
-        self, ctx: BlockContext, sequences: int, tokens: int | None, seed: int, precision: str = "fp32"
+        self, ctx: BlockContext, sequences: int, tokens: int | None, seed: int, precision: str = "auto"
     ) -> None:
         assert ctx.teacher is not None
         self.precision = precision
