@@ -64,9 +64,11 @@ layer loss is smooth and rewards small steps; the block's mini-batch loss needs 
 Batch and precision (block target): a step trains on ``batch`` sequences (default 1) with its
 gradient passes in bf16 where the device does bf16 natively (``precision="auto"``). Measured on
 the demo's blocks 0-2 (GPTQ start, 64 x 512 calibration, ``bench/adaround_blocks.py``): bf16
-gave the losses of fp32 (block 0 7.03 -> 3.90 both, 4 sequences x 200 steps) at ~0.75x the
-time; at about equal cost 1 sequence x 200 steps (4.58) beat 4 x 100 (4.70), and 1 x 100 (5.52,
-~13 s per block) is the fast end. The steps, not the tokens per step, buy the quality.
+gave the losses of fp32 (block 0 7.03 -> 3.90 both, 4 sequences x 200 steps; the whole probe
+run 343 s against 531 s); for less time 1 sequence x 200 steps (4.58, run 275 s) beat 4 x 100
+(4.70, run 260 s); 1 x 100 (5.52, 13 s per block) is the fast end. On the whole demo model,
+1 x 200 bf16 kept nearly all of 4 x 200 fp32's gain (KL 0.091 vs 0.089, GPTQ 0.141) at 0.41x
+its time (``bench/learned_rounding.py``).
 
 The result is kept only if its (hard-rounded) loss on the report batches is not above the
 start's; otherwise the quantizer's codes stay (``recon_reverted``). Stats per layer:
