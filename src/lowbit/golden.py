@@ -28,12 +28,22 @@ EXTRA_RECIPES: dict[str, tuple[str, tuple[Step, ...]]] = {
 }
 
 
+# step parameters pinned in every golden recipe: learned rounding's "auto" precision is bf16 or
+# fp32 depending on the CPU, which would make the digests depend on it
+PINNED: dict[str, dict[str, str]] = {"adaround": {"precision": "fp32"}, "signround": {"precision": "fp32"}}
+
+
+def _pinned(recipe: Recipe) -> Recipe:
+    steps = tuple(Step(s.name, {**PINNED[s.name], **s.params}) if s.name in PINNED else s for s in recipe.steps)
+    return dataclasses.replace(recipe, steps=steps)
+
+
 def golden_recipes() -> dict[str, Recipe]:
-    """Every preset, then ``EXTRA_RECIPES``, by name."""
+    """Every preset, then ``EXTRA_RECIPES``, by name (``PINNED`` parameters set)."""
     out = {name: get_preset(name) for name in PRESETS}
     for name, (base, steps) in EXTRA_RECIPES.items():
         out[name] = dataclasses.replace(get_preset(base), steps=steps, name=name)
-    return out
+    return {name: _pinned(recipe) for name, recipe in out.items()}
 
 
 def tensor_digest(t: torch.Tensor) -> str:
