@@ -5,8 +5,9 @@ after (GPTQ's codes as the start), for trying learning rates, step counts and to
                                     [--set iters=100 --set lr=0.1 --set tokens=128] [--threads N]
 
 Only the first ``--blocks`` blocks are quantized (groups of 64); the rest of the model only runs
-forward. A line per block: ``loss start -> end``, the share of codes flipped, and whether the
-result was reverted (its loss on the report batches above the start's, so GPTQ's codes stay).
+forward. A line per block: ``loss start -> end``, the share of codes flipped, whether the
+result was reverted (its loss on the report batches above the start's, so GPTQ's codes stay) and
+the step's seconds on that block; then the whole run's seconds (load, GPTQ, float passes too).
 """
 
 from __future__ import annotations
