@@ -32,6 +32,17 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
 def _recipe(name: str) -> Recipe:
     if name == "w8a8-static+rtn":
         return dataclasses.replace(get_preset("w8a8-static"), steps=(Step("smoothquant"), Step("rtn")), name=name)
+    # learned rounding against the float model's path, which a resume recomputes; 40 steps flip codes on
+    # the tiny model, so a resume that started the path from the wrong hidden states writes other codes
+    if name == "w4a16-ar-model":
+        ar = get_preset("w4a16-ar")
+        steps = tuple(
+            Step(s.name, {**s.params, "iters": 40, "teacher": "model", "precision": "fp32"})
+            if s.name == "adaround"
+            else s
+            for s in ar.steps
+        )
+        return dataclasses.replace(ar, steps=steps, name=name)
     if name in golden_recipes():
         return golden_recipes()[name]
     return get_preset(name)
@@ -76,11 +87,18 @@ def _count_blocks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return processed
 
 
-@pytest.mark.parametrize("where", ["after block 0", "between block 0 and its outputs"])
+@pytest.mark.parametrize(
+    ("where", "recipe"),
+    [
+        ("after block 0", "w4a16"),
+        ("between block 0 and its outputs", "w4a16"),
+        ("after block 0", "w4a16-ar-model"),
+    ],
+)
 def test_a_killed_job_resumes_to_the_uninterrupted_checkpoint(
-    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str, recipe: str
 ) -> None:
-    run_job(_job(world, tmp_path / "whole", "w4a16"))
+    run_job(_job(world, tmp_path / "whole", recipe))
     emit = lowbit.pipeline._emit
 
     def killed(sink: Any, block: Any, prefix: str, index: int, *rest: Any) -> None:
@@ -93,12 +111,12 @@ def test_a_killed_job_resumes_to_the_uninterrupted_checkpoint(
 
     monkeypatch.setattr(lowbit.pipeline, "_emit", killed)
     with pytest.raises(Killed):
-        run_job(_job(world, tmp_path / "resumed", "w4a16"))
+        run_job(_job(world, tmp_path / "resumed", recipe))
     assert not (tmp_path / "resumed").exists() and (tmp_path / ".resumed.partial").is_dir()
     monkeypatch.undo()
 
     processed = _count_blocks(monkeypatch)
-    report = run_job(_job(world, tmp_path / "resumed", "w4a16", resume=True))
+    report = run_job(_job(world, tmp_path / "resumed", recipe, resume=True))
     # after block 0 it came from the partial run; without its outputs it is done again
     assert processed == ([1] if where == "after block 0" else [0, 1])
     assert len(report.layers) == 14 and len(report.block_errors) == 2

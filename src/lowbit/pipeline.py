@@ -32,7 +32,7 @@ from lowbit.activations import ActivationStore, BlockInputs, Spill, capture_cali
 from lowbit.algorithms import Algorithm, BlockContext, build_algorithm
 from lowbit.archs import decoder_blocks, get_arch
 from lowbit.errors import LowbitError
-from lowbit.kvcache import KVQuantizer, attach_kv_quantizers
+from lowbit.kvcache import KVQuantizer, attach_kv_quantizers, kv_paused
 from lowbit.modules import QuantLinear
 from lowbit.runreport import LayerReport, RunReport
 from lowbit.source import InMemorySource
@@ -165,11 +165,18 @@ def run(source: Source, recipe: Any, calib: torch.Tensor, options: RunOptions, s
     )
     status = tqdm(total=0, bar_format="  {desc}", position=1, leave=False, disable=not options.progress)
     hidden: ActivationStore | None = None
+    float_hidden: ActivationStore | None = None  # the float model's path, for steps with float_path
     try:
         block_kwargs: list[list[dict[str, Any]]] = [[] for _ in blocks]
         if data:
             source.load_outer()
             captured, block_kwargs = capture_calibration_inputs(model, blocks, calib, options.batch_size)
+            if any(a.float_path() for a in algorithms):
+                float_hidden = ActivationStore.of(captured, spill, device)
+                if first:  # a resumed run: the float model's hidden states after the finished blocks
+                    float_hidden = _float_path_to(
+                        first, source, blocks, arch.blocks, block_kwargs, float_hidden, kv_quants, device
+                    )
             if first:
                 captured = _boundary(sink, first)
             hidden = ActivationStore.of(captured, spill, device)
@@ -186,7 +193,10 @@ def run(source: Source, recipe: Any, calib: torch.Tensor, options: RunOptions, s
             ctx.progress = options.progress
             kvq = kv_quants[i] if kv_quants else None
             new_store = (lambda: ActivationStore(spill, device)) if data else None
-            rows, err, outputs = quantize_block(ctx, algorithms, kvq, new_store)
+            rows, err, outputs, float_outputs = quantize_block(ctx, algorithms, kvq, new_store, float_hidden)
+            if float_hidden is not None:
+                float_hidden.close()
+                float_hidden = float_outputs
             passes += ctx.passes
             layers.extend(rows)
             if err is not None:
@@ -204,8 +214,9 @@ def run(source: Source, recipe: Any, calib: torch.Tensor, options: RunOptions, s
             status.set_description_str(f"block {i}: " + _status(err, rows))
             bar.update(1)
     finally:
-        if hidden is not None:
-            hidden.close()
+        for store in (hidden, float_hidden):
+            if store is not None:
+                store.close()
         spill.close()
         status.close()
         bar.close()
@@ -255,6 +266,34 @@ def _resumed(sink: Sink) -> tuple[int, list[LayerReport], list[float]]:
         if state.get("block_error") is not None:
             errors.append(float(state["block_error"]))
     return len(finished), layers, errors
+
+
+def _float_path_to(
+    first: int,
+    source: Source,
+    blocks: nn.ModuleList,
+    prefix: str,
+    block_kwargs: list[list[dict[str, Any]]],
+    hidden: ActivationStore,
+    kv_quants: list[KVQuantizer],
+    device: torch.device,
+) -> ActivationStore:
+    """The float model's hidden states after blocks ``0..first-1`` (a resumed run skips them, but
+    a step with ``float_path`` needs their float outputs): each float block run on ``hidden``."""
+    for i in range(first):
+        source.load(f"{prefix}.{i}")
+        block = blocks[i].to(device)
+        outputs = ActivationStore(hidden.spill, device)
+        with torch.no_grad(), kv_paused(kv_quants[i] if kv_quants else None):
+            for h, kwargs in zip(hidden, block_kwargs[i], strict=True):
+                out = block(h, **kwargs_to(kwargs, device))
+                outputs.append(out[0] if isinstance(out, tuple) else out)
+        block.to("cpu")
+        if not source.in_memory:
+            source.release(f"{prefix}.{i}")
+        hidden.close()
+        hidden = outputs
+    return hidden
 
 
 def _boundary(sink: Sink | None, first: int) -> list[torch.Tensor]:

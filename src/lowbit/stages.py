@@ -6,7 +6,10 @@
     quantize   -> the quantizer steps fill ``ctx.qweights``
     reconstruct -> reconstruct steps (AdaRound, SignRound) refine ``ctx.qweights`` against the
                   float block's outputs (``ctx.teacher``: the observe stage's reference, not a
-                  second float pass)
+                  second float pass), or, for a step with ``float_path`` (``teacher="model"``),
+                  against the float model's outputs: the runner then carries the float model's
+                  hidden states beside the quantized ones, and this block's float outputs on
+                  them are computed first, on the untouched float block
     swap       -> each target becomes a QuantLinear
     measure    -> the quantized pass: each layer's output error and the block's outputs, which are
                   the next block's inputs; a data-free run measures the weights instead
@@ -17,7 +20,7 @@ scheme observes nothing (``needs_data``) makes no forward pass at all.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -71,12 +74,19 @@ def quantize_block(
     algorithms: list[Algorithm],
     kvq: KVQuantizer | None,
     new_store: Callable[[], ActivationStore] | None,
-) -> tuple[list[LayerReport], float | None, ActivationStore | None]:
+    float_inputs: ActivationStore | None = None,
+) -> tuple[list[LayerReport], float | None, ActivationStore | None, ActivationStore | None]:
     """Quantize ``ctx.block`` in place. With calibration inputs (``new_store`` makes the stores
     that hold activations within the run's memory budget) returns the layer rows, the block's
-    relative output error and its quantized outputs; data-free, (rows, None, None)."""
+    relative output error, its quantized outputs and, given the float model's inputs to this block
+    (``float_inputs``, for steps with ``float_path``), the float block's outputs on them (the next
+    block's float inputs); data-free, (rows, None, None, None)."""
     transforms = [a for a in algorithms if a.kind == "transform"]
     reference: ActivationStore | None = None
+    float_outputs: ActivationStore | None = None
+    if float_inputs is not None and new_store is not None:
+        with kv_paused(kvq):  # the untouched float block: the float model's path
+            float_outputs = _collect(float_forward(ctx, float_inputs), new_store())
     if transforms:
         if new_store is not None:
             with kv_paused(kvq):
@@ -95,11 +105,11 @@ def quantize_block(
             algorithm.apply(ctx)
     reconstructs = [a for a in algorithms if a.kind == "reconstruct"]
     if reconstructs:
-        _reconstruct(ctx, reconstructs, observers, kvq, reference)
+        _reconstruct(ctx, reconstructs, observers, kvq, reference, (float_inputs, float_outputs))
     if new_store is None:  # data-free: the weights' error, and no float copy is kept
         errors = {name: _weight_error(ctx, name) for name in ctx.targets}
         _swap_in_quant_linears(ctx, observers, keep_float=False)
-        return [_row(ctx, name, errors[name]) for name in ctx.targets], None, None
+        return [_row(ctx, name, errors[name]) for name in ctx.targets], None, None, None
     float_weights = _swap_in_quant_linears(ctx, observers)
     assert reference is not None
     outputs = new_store()
@@ -120,7 +130,20 @@ def quantize_block(
     for name in ctx.targets:
         e, r = sums[name].tolist()
         rows.append(_row(ctx, name, e / r if r > 0 else 0.0))
-    return rows, float(num / den) if den > 0 else 0.0, outputs
+    return rows, float(num / den) if den > 0 else 0.0, outputs, float_outputs
+
+
+def float_forward(ctx: BlockContext, hidden: Sequence[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """``ctx.block``'s outputs on other hidden states (the float model's path), with the keyword
+    arguments of ``ctx.inputs`` (the same calibration batches), one batch at a time."""
+    kwargs = [k for _, k in ctx.inputs]
+    if len(hidden) != len(kwargs):
+        raise ValueError(f"{len(hidden)} batches of float-path hidden states but {len(kwargs)} calibration batches")
+    ctx.passes += 1
+    with torch.no_grad():
+        for h, k in zip(hidden, kwargs, strict=True):
+            out = ctx.block(h, **k)
+            yield out[0] if isinstance(out, tuple) else out
 
 
 def _reconstruct(
@@ -129,19 +152,31 @@ def _reconstruct(
     observers: dict[str, Observer],
     kvq: KVQuantizer | None,
     reference: ActivationStore | None,
+    float_path: tuple[ActivationStore | None, ActivationStore | None] = (None, None),
 ) -> None:
-    """Run the reconstruct steps with the reference outputs as ``ctx.teacher`` and the observed
-    static activation ranges; the KV quantizer is paused (the steps train without it)."""
+    """Run the reconstruct steps with the reference outputs as ``ctx.teacher`` (for a step with
+    ``float_path``: the float model's outputs at this block, its inputs as ``ctx.float_inputs``)
+    and the observed static activation ranges; the KV quantizer is paused (the steps train
+    without it)."""
     if reference is None:
         raise LowbitError(f"step(s) {', '.join(a.name for a in steps)} need calibration data")
-    ctx.teacher = reference
     ctx.act_ranges = {name: observer.range() for name, observer in observers.items()}
     try:
         with kv_paused(kvq):
             for algorithm in steps:
+                if algorithm.float_path():
+                    if float_path[1] is None:
+                        raise LowbitError(
+                            f"{algorithm.name} reconstructs against the float model, but the run "
+                            "carries no float path (call it through lowbit.pipeline.run)"
+                        )
+                    ctx.float_inputs, ctx.teacher = float_path
+                else:
+                    ctx.float_inputs, ctx.teacher = None, reference
                 algorithm.apply(ctx)
     finally:
         ctx.teacher = None
+        ctx.float_inputs = None
 
 
 def _collect(outs: Iterator[torch.Tensor], store: ActivationStore) -> ActivationStore:

@@ -95,6 +95,7 @@ from lowbit.algorithms.reconstruction import (
     MiniBatches,
     StudentLayer,
     activation_quantizers,
+    check_teacher,
     check_trainable,
     grid_weight,
     record,
@@ -189,7 +190,9 @@ class AdaRound(Algorithm):
     calibration sequences per step; ``tokens``: positions of each sequence used in training
     (None: all); ``lam``: the regulariser's weight; ``warmup``: the fraction of steps without it;
     ``beta_start`` / ``beta_end``: its exponent's annealing; ``report_batches``: calibration
-    batches on which the loss before and after is measured; ``seed``: the mini-batch order.
+    batches on which the loss before and after is measured; ``seed``: the mini-batch order;
+    ``teacher``: "block" (the float block on the quantized model's inputs) or "model" (the float
+    model's own outputs at this block, see ``reconstruction.TEACHERS``).
     """
 
     needs = frozenset({"inputs", "teacher"})
@@ -209,8 +212,10 @@ class AdaRound(Algorithm):
     seed: int = 0
     init: str = "codes"
     precision: str = "auto"
+    teacher: str = "block"
 
     def __post_init__(self) -> None:
+        check_teacher(self.teacher)
         if self.init not in INITS:
             raise ValueError(f"init must be one of {list(INITS)}, got {self.init!r}")
         if self.target not in TARGETS:
@@ -232,6 +237,9 @@ class AdaRound(Algorithm):
         check_fraction("warmup", self.warmup, 0.0, 1.0)
         check_fraction("beta_start", self.beta_start, 1.0, 1e3)
         check_fraction("beta_end", self.beta_end, 1.0, self.beta_start)
+
+    def float_path(self) -> bool:
+        return self.teacher == "model"
 
     def learning_rate(self) -> float:
         """``lr``, or ``lr_iters / iters`` (``lr_iters``: 30 for the block target, 10 per layer)."""
@@ -339,8 +347,9 @@ class AdaRound(Algorithm):
             if m not in trained and m in acts:
                 layers[m] = StudentLayer(lin, _frozen_weight(lin), acts[m])
         ctx.passes += 2
-        for hidden, kwargs in ctx.inputs:
-            x = _layer_input(ctx.block, linear, hidden, kwargs)
+        for i, (hidden, kwargs) in enumerate(ctx.inputs):
+            # X: the float model's input of the layer where the run carries the float path
+            x = _layer_input(ctx.block, linear, hidden if ctx.float_inputs is None else ctx.float_inputs[i], kwargs)
             with student(ctx.block, layers), torch.no_grad():
                 xt = _layer_input(ctx.block, linear, hidden, kwargs)
             if act is not None:

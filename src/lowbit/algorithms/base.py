@@ -52,6 +52,10 @@ class BlockContext:
     # ``inputs`` (the reference the measure stage compares with), one (B, T, H) tensor per batch,
     # and the static input-activation ranges the float pass observed (target name -> (lo, hi))
     teacher: Sequence[torch.Tensor] | None = None
+    # with a step that asks for the float model's path (``Algorithm.float_path``): the float
+    # model's own hidden states entering this block, one (B, T, H) tensor per batch (``teacher``
+    # is then the float block's outputs on them)
+    float_inputs: Sequence[torch.Tensor] | None = None
     act_ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     progress: bool = False  # whether a long step may show its own progress bar
 
@@ -110,6 +114,13 @@ class Algorithm(ABC):
     data_parallel: ClassVar[bool] = False
     # a model-level search (SmoothQuant+'s alpha): the samples it uses; see ``model_candidates``
     search_samples: int = 0
+
+    def float_path(self) -> bool:
+        """Whether this step, as configured, reconstructs against the float *model*: the runner then
+        carries the float model's hidden states beside the quantized ones and sets ``ctx.teacher`` to
+        the float block's outputs on them (BRECQ's and AutoRound's asymmetric target), instead of the
+        float block's outputs on the quantized model's inputs. False by default."""
+        return False
 
     def splits_exactly(self) -> bool:
         """Whether this step, as configured, may run on data-parallel workers (``data_parallel``)."""

@@ -8,9 +8,16 @@ fake-quantizer (static ranges from the runner's float pass, dynamic per-token on
 the fly; straight-through gradient). Every block parameter is frozen and the KV quantizer is
 paused by the runner, so autograd covers only this block and only the step's parameters.
 
-The loss is BRECQ's reconstruction error of the block output against ``ctx.teacher`` (the float
-block's outputs on the same inputs, computed once by the runner): squared error summed over the
-hidden size, averaged over tokens. ``MiniBatches`` draws the calibration batches of each step
+The loss is BRECQ's reconstruction error of the block output against ``ctx.teacher``: squared
+error summed over the hidden size, averaged over tokens. What the teacher is, is the step's
+``teacher`` (``TEACHERS``): "block", the float block's outputs on the same inputs (the quantized
+model's; computed once by the runner), which the student can match exactly and which leaves the
+earlier blocks' error alone; or "model", the float *model's* outputs at this block (the float
+block on the float model's own hidden states, a second path the runner carries beside the
+quantized one), so that each block also corrects the error the blocks before it left: the
+asymmetric target of AdaRound's and BRECQ's papers and AutoRound's default.
+
+``MiniBatches`` draws the calibration batches of each step
 (seeded; ``sequences`` per step, slicing rows of a runner batch when fewer than it holds); the
 gradient passes run under bf16 autocast where the device does bf16 natively (``precision``
 "auto"), the losses that decide what is kept in float32; with ``tokens`` every sequence is
@@ -48,6 +55,17 @@ class StudentLayer:
     linear: nn.Linear
     weight: Callable[[], torch.Tensor]
     act: ActQuantizer | None
+
+
+TEACHERS = ("block", "model")  # what a reconstruct step matches, see the module docstring
+
+
+def check_teacher(teacher: str) -> None:
+    if teacher not in TEACHERS:
+        raise ValueError(
+            f"teacher must be one of {list(TEACHERS)} (the float block on the quantized inputs, or the "
+            f"float model's outputs), got {teacher!r}"
+        )
 
 
 def check_trainable(ctx: BlockContext, step: str) -> list[str]:

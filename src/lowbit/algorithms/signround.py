@@ -37,6 +37,7 @@ from lowbit.algorithms.reconstruction import (
     MiniBatches,
     StudentLayer,
     activation_quantizers,
+    check_teacher,
     check_trainable,
     grid_weight,
     record,
@@ -115,7 +116,8 @@ class SignRound(Algorithm):
     ``iters``: signed-gradient steps per block; ``lr``: the step (default ``1 / iters``);
     ``batch``: calibration sequences per step; ``tokens``: positions of each sequence used in
     training (None: all); ``min_clip``: the clipping factors' lower bound; ``report_batches``:
-    calibration batches on which the loss before and after is measured; ``seed``: batch order.
+    calibration batches on which the loss before and after is measured; ``seed``: batch order;
+    ``teacher``: "block" or "model" (see ``reconstruction.TEACHERS``).
     """
 
     needs = frozenset({"inputs", "teacher"})
@@ -129,8 +131,10 @@ class SignRound(Algorithm):
     report_batches: int = 2
     seed: int = 0
     precision: str = "auto"
+    teacher: str = "block"
 
     def __post_init__(self) -> None:
+        check_teacher(self.teacher)
         for key in ("iters", "batch", "report_batches"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "iters" else 1):
@@ -142,6 +146,9 @@ class SignRound(Algorithm):
         if self.lr is not None:
             check_fraction("lr", self.lr, 1e-12, 1.0)
         check_fraction("min_clip", self.min_clip, 0.0, 1.0)
+
+    def float_path(self) -> bool:
+        return self.teacher == "model"
 
     def apply(self, ctx: BlockContext) -> None:
         names = check_trainable(ctx, "signround")
