@@ -212,7 +212,7 @@ class AdaRound(Algorithm):
     seed: int = 0
     init: str = "codes"
     precision: str = "auto"
-    teacher: str = "block"
+    teacher: str = "model"
 
     def __post_init__(self) -> None:
         check_teacher(self.teacher)

@@ -131,7 +131,7 @@ class SignRound(Algorithm):
     report_batches: int = 2
     seed: int = 0
     precision: str = "auto"
-    teacher: str = "block"
+    teacher: str = "model"
 
     def __post_init__(self) -> None:
         check_teacher(self.teacher)
