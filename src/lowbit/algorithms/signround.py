@@ -9,8 +9,10 @@ with ``round`` straight-through. ``(lo, hi)`` is the range that reproduces the q
 (``rounding.grid_range``), so the start (``V = 0``, factors 1) is that quantizer's grid rounded to
 nearest: on an RTN grid RTN (a float32 scale may differ in its last bit), on GPTQ's grid its scales
 with RTN's rounding of the float weights (GPTQ's own codes are not a point of this
-parameterisation). The loss is the block output's reconstruction error against the float block
-(``reconstruction.py``); every step moves each parameter by ``lr`` against the sign of its gradient
+parameterisation). The loss is the block output's reconstruction error (``reconstruction.py``)
+against the float model's outputs at this block (``teacher="model"``, the default, as auto-round
+does: the quantized model's inputs, the float model's outputs) or the float block's on the same
+inputs (``teacher="block"``); every step moves each parameter by ``lr`` against the sign of its gradient
 (signed gradient descent, ``lr = 1 / iters`` by default, so an offset can cross its whole range),
 then clamps it to its bounds. The parameters with the lowest mini-batch loss seen are kept (as auto-
 round does; the loss of a step is the loss of the parameters before its update). The clipping
