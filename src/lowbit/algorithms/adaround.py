@@ -123,6 +123,7 @@ from lowbit.algorithms.rounding import (
     rectified_sigmoid,
     rounding_regularizer,
 )
+from lowbit.algorithms.softround import SoftGrid, SoftParts, add_regularizer_grad, soft_weight
 from lowbit.algorithms.toolkit import input_groups
 from lowbit.formats import IntFormat
 from lowbit.hooks import StopForward, forward_pre_hooks
@@ -151,20 +152,39 @@ class SoftRounding:
         self.outliers = None
         if qw.outlier_idx is not None and qw.outlier_weight is not None:
             self.outliers = (qw.outlier_idx.to(device), qw.outlier_weight.to(device, torch.float32))
+        self.grid = SoftGrid.build(base, self.s, self.z, self.qmin, self.qmax, self.outliers)
+        self._parts: SoftParts | None = None
         self.mode = "soft"
+
+    def parts(self) -> SoftParts:
+        """``h(V)`` and ``dh/dV`` for the current ``V``: recomputed after each step of ``adam``'s
+        optimizer (``forget_parts``) and whenever ``V``'s version changed."""
+        if self._parts is None or self._parts.version != self.v._version:
+            self._parts = SoftParts.of(self.v)
+        return self._parts
+
+    def forget_parts(self) -> None:
+        """Drop the per-step ``h(V)``: ``V`` changed (an optimizer step)."""
+        self._parts = None
 
     def weight(self) -> torch.Tensor:
         """The current weight (out, in) float32, differentiable in ``v`` in soft mode."""
-        h = rectified_sigmoid(self.v)
-        if self.mode == "hard":
-            h = (h >= 0.5).to(torch.float32)
+        if self.mode == "soft":  # the same values in few passes (softround.py)
+            return soft_weight(self.v, self.grid, self.parts())
+        with torch.no_grad():
+            h = (rectified_sigmoid(self.v) >= 0.5).to(torch.float32)
         w = adaround_weight(self.base, h, self.s, self.z, self.qmin, self.qmax)
         if self.outliers is not None:  # OWQ's float columns stay as they are
             w = w.index_copy(1, self.outliers[0], self.outliers[1])
         return w
 
     def regularizer(self, beta: float) -> torch.Tensor:
+        """The regulariser's value (a 0-d tensor, differentiable in ``v``)."""
         return rounding_regularizer(rectified_sigmoid(self.v), beta)
+
+    def add_regularizer_grad(self, lam: float, beta: float) -> None:
+        """Add ``lam`` times the regulariser's gradient to ``v.grad`` (no graph)."""
+        add_regularizer_grad(self.v, self.parts(), lam, beta)
 
     def result(self) -> QuantizedWeight:
         """The start's grid with the learned hard rounding as its codes."""
@@ -287,7 +307,6 @@ class AdaRound(Algorithm):
             n: StudentLayer(lin, rounders[n].weight if n in rounders else _frozen_weight(lin), acts.get(n))
             for n, lin in ctx.targets.items()
         }
-        params = [r.v for r in rounders.values()]
         with student(ctx.block, layers):
             batches = MiniBatches(ctx, self.batch, self.tokens, self.seed, self.precision)
             report = report_batches(ctx, self.report_batches)
@@ -295,7 +314,7 @@ class AdaRound(Algorithm):
             loss_start = batches.loss(report)
             reference = _reference(loss_start)
             _set_mode(rounders, "soft")
-            optimizer = torch.optim.Adam(params, lr=self.learning_rate())
+            optimizer = adam(list(rounders.values()), self.learning_rate())
             bar = tqdm(range(self.iters), desc=f"adaround block {ctx.index}", leave=False, disable=not ctx.progress)
             with torch.enable_grad():
                 for step in bar:
@@ -303,8 +322,8 @@ class AdaRound(Algorithm):
                     rec = batches.backward(batches.draw(), scale=1.0 / reference) * reference
                     beta = beta_schedule(step, self.iters, self.warmup, self.beta_start, self.beta_end)
                     if beta is not None and self.weight() > 0:
-                        reg = self.weight() * sum((r.regularizer(beta) for r in rounders.values()), torch.zeros(()))
-                        reg.backward()
+                        for r in rounders.values():
+                            r.add_regularizer_grad(self.weight(), beta)
                     optimizer.step()
                     if step % 10 == 0:
                         bar.set_postfix_str(f"loss {rec:.4g}")
@@ -426,15 +445,14 @@ def learn_layer_rounding(
         loss_start = float(loss(rounder.weight()))
     reference = _reference(loss_start)
     rounder.mode = "soft"
-    optimizer = torch.optim.Adam([rounder.v], lr=params.learning_rate())
+    optimizer = adam([rounder], params.learning_rate())
     with torch.enable_grad():
         for step in tqdm(range(params.iters), desc=f"adaround {name}", leave=False, disable=not progress):
             optimizer.zero_grad(set_to_none=True)
-            total = loss(rounder.weight()) / reference
+            (loss(rounder.weight()) / reference).backward()
             beta = beta_schedule(step, params.iters, params.warmup, params.beta_start, params.beta_end)
             if beta is not None and params.weight() > 0:
-                total = total + params.weight() * rounder.regularizer(beta)
-            total.backward()
+                rounder.add_regularizer_grad(params.weight(), beta)
             optimizer.step()
     rounder.mode = "hard"
     with torch.no_grad():
@@ -459,6 +477,22 @@ def _reference(loss_start: float) -> float:
     """What the reconstruction loss is divided by in training: the start's loss (so ``lam`` weighs
     the regulariser against the relative error), or 1 when the start is exact."""
     return loss_start if loss_start > 0 and loss_start < float("inf") else 1.0
+
+
+def adam(rounders: list[SoftRounding], lr: float) -> torch.optim.Adam:
+    """Adam on the rounders' ``V``, its fused single-pass kernel where the device has one (CPU,
+    CUDA: otherwise an update is several passes over every weight of the block). Each step
+    drops the rounders' per-step ``h(V)`` (the fused kernel does not bump ``V``'s version)."""
+    params = [r.v for r in rounders]
+    fused = all(p.device.type in ("cpu", "cuda") for p in params)
+    optimizer = torch.optim.Adam(params, lr=lr, fused=fused)
+
+    def stale(*_: object) -> None:
+        for r in rounders:
+            r.forget_parts()
+
+    optimizer.register_step_post_hook(stale)
+    return optimizer
 
 
 def _frozen_weight(linear: nn.Linear) -> Callable[[], torch.Tensor]:

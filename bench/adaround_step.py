@@ -1,0 +1,123 @@
+"""One AdaRound training step on a SmolLM2-135M-shaped llama block: the autograd reference
+against lowbit's few-pass soft weight (``lowbit.algorithms.softround``) and fused Adam.
+
+    python bench/adaround_step.py [--steps 20] [--tokens 512] [--precision auto|bf16|fp32]
+
+Both paths train the same rounding variables (int4, groups of 64, RTN start) on the same
+sequence of ``tokens`` random hidden states against the float block's output, with the
+regulariser on (beta 10), and print the milliseconds per step, their ratio, the time of the
+block's forward and backward alone (frozen weights: what a step cannot go below), and the
+largest difference between the two paths' losses over the steps (the same math: rounding-level
+differences only). Random weights: a step's time does not depend on their values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+from lowbit.algorithms.adaround import SoftRounding, adam
+from lowbit.algorithms.reconstruction import StudentLayer, autocast, block_loss, student
+from lowbit.algorithms.rounding import adaround_weight, rectified_sigmoid, rounding_regularizer
+from lowbit.qweight import quantize_weight
+from lowbit.scheme import QuantSpec
+
+LAM, BETA = 0.01, 10.0
+
+
+class ReferenceRounding(SoftRounding):
+    """The plain autograd formulation: ``s * (clip(b + h(V)) - z)`` and the regulariser's graph."""
+
+    def weight(self) -> torch.Tensor:
+        return adaround_weight(self.base, rectified_sigmoid(self.v), self.s, self.z, self.qmin, self.qmax)
+
+    def add_regularizer_grad(self, lam: float, beta: float) -> None:
+        (lam * rounding_regularizer(rectified_sigmoid(self.v), beta)).backward()
+
+
+def block_and_inputs(tokens: int) -> tuple[torch.nn.Module, torch.Tensor, dict, torch.Tensor]:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3, head_dim=64
+    )
+    cfg._attn_implementation = "sdpa"
+    block = LlamaDecoderLayer(cfg, 0).float().eval()
+    for p in block.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(1, tokens, 576)
+    kwargs = {"position_embeddings": LlamaRotaryEmbedding(cfg)(x, torch.arange(tokens)[None]), "attention_mask": None}
+    with torch.no_grad():
+        out = block(x, **kwargs)
+    return block, x, kwargs, out[0] if isinstance(out, tuple) else out
+
+
+def run(kind: type[SoftRounding], steps: int, tokens: int, precision: str) -> tuple[float, list[float]]:
+    block, x, kwargs, target = block_and_inputs(tokens)
+    linears = {n: m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+    spec = QuantSpec("int4", "group", 64, symmetric=True)
+    rounders = {n: kind(m.weight.float(), quantize_weight(m.weight, spec)) for n, m in linears.items()}
+    layers = {n: StudentLayer(m, rounders[n].weight, None) for n, m in linears.items()}
+    optimizer = adam(list(rounders.values()), 0.1) if kind is SoftRounding else None
+    if optimizer is None:  # the reference: torch's default Adam (foreach)
+        optimizer = torch.optim.Adam([r.v for r in rounders.values()], lr=0.1)
+    losses: list[float] = []
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with student(block, layers), torch.enable_grad():
+            with autocast(x.device, precision):
+                out = block(x, **kwargs)
+            loss = block_loss(out, target)
+            loss.backward()
+        for r in rounders.values():
+            r.add_regularizer_grad(LAM, BETA)
+        optimizer.step()
+        losses.append(float(loss.detach()))
+
+    return timed(step, steps), losses
+
+
+def frozen_pass(tokens: int, precision: str, steps: int) -> float:
+    block, x, kwargs, target = block_and_inputs(tokens)
+    x = x.clone().requires_grad_(True)
+
+    def step() -> None:
+        with torch.enable_grad(), autocast(x.device, precision):
+            out = block(x, **kwargs)
+        block_loss(out, target).backward()
+
+    return timed(step, steps)
+
+
+def timed(step: Callable[[], None], steps: int) -> float:
+    step()  # warm-up
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - start) / steps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--tokens", type=int, default=512)
+    ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    args = ap.parse_args()
+    ref_s, ref_losses = run(ReferenceRounding, args.steps, args.tokens, args.precision)
+    new_s, new_losses = run(SoftRounding, args.steps, args.tokens, args.precision)
+    floor_s = frozen_pass(args.tokens, args.precision, args.steps)
+    diff = max(abs(a - b) / max(abs(a), 1e-12) for a, b in zip(ref_losses, new_losses, strict=True))
+    print(f"threads {torch.get_num_threads()}, 1 x {args.tokens} tokens, {args.precision}, {args.steps} steps")
+    print(f"autograd reference     {1e3 * ref_s:8.1f} ms/step")
+    print(f"lowbit (few-pass)      {1e3 * new_s:8.1f} ms/step   reference / lowbit {ref_s / new_s:.2f}x")
+    print(f"block fwd+bwd, frozen  {1e3 * floor_s:8.1f} ms/step   lowbit / frozen {new_s / floor_s:.2f}x")
+    print(f"largest relative loss difference over the steps: {diff:.2e}")
+
+
+if __name__ == "__main__":
+    main()
