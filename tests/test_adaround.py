@@ -16,6 +16,7 @@ import torch
 from tiny_models import tiny_llama, token_ids
 
 from lowbit import api
+from lowbit.algorithms import adaround as adaround_module
 from lowbit.algorithms import build_algorithm
 from lowbit.algorithms.adaround import AdaRound, SoftRounding, gram_loss, learn_layer_rounding
 from lowbit.algorithms.reconstruction import MiniBatches, autocast, bf16_is_fast
@@ -26,6 +27,7 @@ from lowbit.algorithms.rounding import (
     adaround_start,
     beta_schedule,
     inverse_rectified_sigmoid,
+    lr_at,
     rectified_sigmoid,
     rounding_regularizer,
 )
@@ -231,6 +233,34 @@ def test_default_learning_rate_is_lr_iters_over_iters_capped_for_the_block_targe
     assert AdaRound(iters=25, lr_iters=30.0).learning_rate() == pytest.approx(1.2)  # asked for
     assert AdaRound(iters=25, lr=0.5).learning_rate() == 0.5
     assert AdaRound(iters=25, target="layer").learning_rate() == pytest.approx(10 / 25)
+
+
+def test_lr_schedule_matches_a_loop_and_is_what_adam_uses(monkeypatch: pytest.MonkeyPatch) -> None:
+    for step in range(10):
+        assert lr_at(step, 10, 0.2) == 0.2
+        assert lr_at(step, 10, 0.2, "linear") == pytest.approx(0.2 * (10 - step) / 10)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        lr_at(0, 10, 0.2, "cosine")
+    with pytest.raises(LowbitError, match="lr_schedule"):
+        build_algorithm("adaround", {"lr_schedule": "cosine"})
+    seen: list[float] = []
+    real = adaround_module.adam
+
+    def spying_adam(rounders: list, lr: float) -> torch.optim.Adam:
+        optimizer = real(rounders, lr)
+        optimizer.register_step_post_hook(lambda opt, *_: seen.append(opt.param_groups[0]["lr"]))
+        return optimizer
+
+    monkeypatch.setattr(adaround_module, "adam", spying_adam)
+    x = _correlated(256, 32)
+    w = torch.randn(8, 32, generator=torch.Generator().manual_seed(4))
+    rounder = SoftRounding(w, quantize_weight(w, W4))
+    grams = (x.T @ x, x.T @ x, x.T @ x, x.shape[0])
+    learn_layer_rounding(AdaRound(target="layer", iters=8, lr=0.4, lr_schedule="linear"), rounder, w, grams)
+    assert seen == pytest.approx([0.4 * (8 - i) / 8 for i in range(8)])
+    seen.clear()
+    _run((Step("gptq"), Step("adaround", {"iters": 4, "lr": 0.1, "lr_schedule": "linear"})))
+    assert seen[:4] == pytest.approx([0.1, 0.075, 0.05, 0.025]) and len(seen) % 4 == 0
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

@@ -45,6 +45,21 @@ def rounding_regularizer(h: torch.Tensor, beta: float) -> torch.Tensor:
     return (1.0 - (2.0 * h - 1.0).abs().pow(beta)).sum()
 
 
+LR_SCHEDULES = ("constant", "linear")
+
+
+def lr_at(step: int, iters: int, lr: float, schedule: str = "constant") -> float:
+    """The learning rate of ``step`` (0-based) of ``iters``: ``lr`` throughout ("constant"), or
+    decaying linearly from ``lr`` at step 0 towards 0 ("linear": ``lr * (1 - step / iters)``,
+    auto-round's schedule), so that the last steps, where the regulariser pushes ``h`` to 0 or 1,
+    move ``V`` less."""
+    if schedule == "constant":
+        return lr
+    if schedule == "linear":
+        return lr * (1.0 - step / max(iters, 1))
+    raise ValueError(f"lr_schedule must be one of {list(LR_SCHEDULES)}, got {schedule!r}")
+
+
 def beta_schedule(step: int, iters: int, warmup: float = 0.2, start: float = 20.0, end: float = 2.0) -> float | None:
     """The regulariser's exponent at ``step`` (0-based) of ``iters``: None (no regulariser) during
     the first ``warmup`` fraction, then decaying linearly from ``start`` to ``end``:
