@@ -106,3 +106,41 @@ def test_bad_teacher_is_refused() -> None:
     for step in ("adaround", "signround"):  # the float model's target is the default
         assert build_algorithm(step, {}).float_path()
         assert not build_algorithm(step, {"teacher": "block"}).float_path()
+
+
+def _block_outputs(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Each block's output on the calibration batches of 4, concatenated over batches."""
+    outs: list[list[torch.Tensor]] = [[] for _ in model.model.layers]
+    hooks = [
+        block.register_forward_hook(lambda _m, _a, out, i=i: outs[i].append(out[0] if isinstance(out, tuple) else out))
+        for i, block in enumerate(model.model.layers)
+    ]
+    try:
+        with torch.no_grad():
+            for i in (0, 4):
+                model(input_ids=CALIB[i : i + 4])
+    finally:
+        for h in hooks:
+            h.remove()
+    return [torch.cat(o) for o in outs]
+
+
+def test_report_measures_each_block_against_the_float_model_when_the_run_carries_its_path() -> None:
+    """``RunReport.model_errors``: the quantized model's output of each block against the float
+    model's, on the calibration set (checked here against both models run whole); block 0 sees the
+    float inputs, so there it is the block error; a run without the float path has none."""
+    base = tiny_llama()
+    float_outs = _block_outputs(base)
+    model = copy.deepcopy(base)
+    recipe = Recipe(Scheme(weights=W4), (Step("rtn"), Step("adaround", {"iters": 2, "teacher": "model"})), "x")
+    report = quantize_model(model, recipe, CALIB, batch_size=4, progress=False)
+    quantized = _block_outputs(model)
+    assert len(report.model_errors) == len(report.block_errors) == N_LAYERS >= 2
+    for i, (q, f) in enumerate(zip(quantized, float_outs, strict=True)):
+        want = float((q - f).pow(2).sum() / f.pow(2).sum())
+        assert report.model_errors[i] == pytest.approx(want, rel=1e-4), i
+    assert report.model_errors[0] == pytest.approx(report.block_errors[0], rel=1e-6)
+    assert report.model_errors[-1] > 1.5 * report.block_errors[-1]  # the earlier blocks' error carried on
+    assert report.to_dict()["model_errors"] == report.model_errors
+    block = Recipe(Scheme(weights=W4), (Step("rtn"), Step("adaround", {"iters": 2, "teacher": "block"})), "x")
+    assert quantize_model(tiny_llama(), block, CALIB, batch_size=4, progress=False).model_errors == []

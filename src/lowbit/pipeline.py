@@ -36,7 +36,7 @@ from lowbit.kvcache import KVQuantizer, attach_kv_quantizers, kv_paused
 from lowbit.modules import QuantLinear
 from lowbit.runreport import LayerReport, RunReport
 from lowbit.source import InMemorySource
-from lowbit.stages import ERROR_TOKENS, block_targets, needs_data, quantize_block
+from lowbit.stages import ERROR_TOKENS, BlockErrors, block_targets, needs_data, quantize_block
 
 __all__ = [
     "ERROR_TOKENS",
@@ -154,10 +154,11 @@ def run(source: Source, recipe: Any, calib: torch.Tensor, options: RunOptions, s
     spill = Spill(options.max_memory, options.spill_dir)
     layers: list[LayerReport] = []
     block_errors: list[float] = []
+    model_errors: list[float] = []  # against the float model's path, in runs that carry it
     passes = 0
     first = 0
     if sink is not None and sink.finished():
-        first, layers, block_errors = _resumed(sink)
+        first, layers, block_errors, model_errors = _resumed(sink)
     # the bar keeps its count, rate and time left readable; the last block's numbers go to a
     # status line below it (every layer's: --layers, or the run report)
     bar = tqdm(
@@ -193,25 +194,27 @@ def run(source: Source, recipe: Any, calib: torch.Tensor, options: RunOptions, s
             ctx.progress = options.progress
             kvq = kv_quants[i] if kv_quants else None
             new_store = (lambda: ActivationStore(spill, device)) if data else None
-            rows, err, outputs, float_outputs = quantize_block(ctx, algorithms, kvq, new_store, float_hidden)
+            rows, errors, outputs, float_outputs = quantize_block(ctx, algorithms, kvq, new_store, float_hidden)
             if float_hidden is not None:
                 float_hidden.close()
                 float_hidden = float_outputs
             passes += ctx.passes
             layers.extend(rows)
-            if err is not None:
-                block_errors.append(err)
+            if errors.block is not None:
+                block_errors.append(errors.block)
+            if errors.model is not None:
+                model_errors.append(errors.model)
             block.to("cpu")
             if hidden is not None:
                 hidden.close()
                 hidden = outputs
             if sink is not None:
-                _emit(sink, block, prefix, i, rows, err, hidden)
+                _emit(sink, block, prefix, i, rows, errors, hidden)
             if not source.in_memory:
                 _unload(block)
                 source.release(prefix)
                 _give_back_memory()
-            status.set_description_str(f"block {i}: " + _status(err, rows))
+            status.set_description_str(f"block {i}: " + _status(errors, rows))
             bar.update(1)
     finally:
         for store in (hidden, float_hidden):
@@ -231,6 +234,7 @@ def run(source: Source, recipe: Any, calib: torch.Tensor, options: RunOptions, s
         warnings,
         forward_passes=passes,
         spilled_bytes=spill.spilled,
+        model_errors=model_errors,
     )
 
 
@@ -240,7 +244,7 @@ def _emit(
     prefix: str,
     index: int,
     rows: list[LayerReport],
-    err: float | None,
+    errors: BlockErrors,
     outputs: ActivationStore | None,
 ) -> None:
     """Write a finished block, then the hidden states after it. The sink keeps, on resume, the
@@ -248,24 +252,27 @@ def _emit(
     from lowbit.checkpoint import block_tensors
 
     tensors, table, kv = block_tensors(block, prefix)
-    state = {"layers": [dataclasses.asdict(r) for r in rows], "block_error": err}
+    state = {"layers": [dataclasses.asdict(r) for r in rows], "block_error": errors.block, "model_error": errors.model}
     sink.write_block(index, tensors, table, state, kv_cache=kv)
     if outputs is not None:  # the next block's inputs: what a resumed run starts from
         sink.save_boundary(index, list(outputs))
 
 
-def _resumed(sink: Sink) -> tuple[int, list[LayerReport], list[float]]:
+def _resumed(sink: Sink) -> tuple[int, list[LayerReport], list[float], list[float]]:
     finished = sorted(sink.finished())
     if finished != list(range(len(finished))):
         raise LowbitError(f"the partial run holds blocks {finished}, not a prefix 0..k; rerun without --resume")
     layers: list[LayerReport] = []
     errors: list[float] = []
+    model_errors: list[float] = []
     for i in finished:
         state = sink.block_state(i)
         layers.extend(LayerReport.from_dict(r) for r in state["layers"])
         if state.get("block_error") is not None:
             errors.append(float(state["block_error"]))
-    return len(finished), layers, errors
+        if state.get("model_error") is not None:
+            model_errors.append(float(state["model_error"]))
+    return len(finished), layers, errors, model_errors
 
 
 def _float_path_to(
@@ -335,10 +342,13 @@ def _libc() -> Any:
 _LIBC = _libc()
 
 
-def _status(block_err: float | None, layers: list[LayerReport]) -> str:
-    """The status line under the bar: the block's error, its worst layer, and what the algorithm
-    reported (GPTQ's loss summed over the block, the largest damping used, the solve time)."""
-    parts = [f"error {block_err:.2e}" if block_err is not None else "no calibration pass"]
+def _status(errors: BlockErrors, layers: list[LayerReport]) -> str:
+    """The status line under the bar: the block's error (and against the float model, when the run
+    carries its path), its worst layer, and what the algorithm reported (GPTQ's loss summed over
+    the block, the largest damping used, the solve time)."""
+    parts = [f"error {errors.block:.2e}" if errors.block is not None else "no calibration pass"]
+    if errors.model is not None:
+        parts.append(f"vs float model {errors.model:.2e}")
     if layers:
         worst = max(layers, key=lambda r: r.rel_error)
         parts.append(f"worst {worst.name.rsplit('.', 1)[-1]} {worst.rel_error:.1e}")

@@ -39,6 +39,10 @@ class RunReport:
     warnings: list[str] = field(default_factory=list)  # what the user should know, e.g. layers that fell back
     forward_passes: int = 0  # block forward passes over the calibration set (0: a data-free run)
     spilled_bytes: int = 0  # activations written to disk because of the memory budget
+    # per block ||out_q - out_float_model||^2 / ||out_float_model||^2, against the float model's own
+    # hidden states (what the blocks before left counts too); only in runs that carry the float
+    # model's path (a step with teacher: model), else empty
+    model_errors: list[float] = field(default_factory=list)
 
     def worst_layers(self, n: int) -> list[LayerReport]:
         """The ``n`` layers with the largest relative output error."""
@@ -58,6 +62,7 @@ class RunReport:
             "recipe": to_dict(self.recipe),
             "layers": [asdict(layer) for layer in self.layers],
             "block_errors": self.block_errors,
+            "model_errors": self.model_errors,
             "seconds": self.seconds,
             "calibration": {"samples": self.n_samples, "seq_len": self.seq_len},
             "warnings": self.warnings,

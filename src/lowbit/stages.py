@@ -21,7 +21,7 @@ scheme observes nothing (``needs_data``) makes no forward pass at all.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -69,18 +69,29 @@ def block_targets(block: nn.Module, prefix: str, recipe: Recipe) -> tuple[dict[s
     return targets, specs
 
 
+class BlockErrors(NamedTuple):
+    """A block's relative output errors on the calibration set: ``block``, against the float
+    block on the same (quantized-model) inputs, ``||out_q - out||^2 / ||out||^2``; ``model``,
+    against the float model's own hidden states after this block (only in runs that carry the
+    float model's path: a step with ``teacher: model``), which counts what the blocks before left
+    too. None: not measured (a data-free run; no float path)."""
+
+    block: float | None
+    model: float | None
+
+
 def quantize_block(
     ctx: BlockContext,
     algorithms: list[Algorithm],
     kvq: KVQuantizer | None,
     new_store: Callable[[], ActivationStore] | None,
     float_inputs: ActivationStore | None = None,
-) -> tuple[list[LayerReport], float | None, ActivationStore | None, ActivationStore | None]:
+) -> tuple[list[LayerReport], BlockErrors, ActivationStore | None, ActivationStore | None]:
     """Quantize ``ctx.block`` in place. With calibration inputs (``new_store`` makes the stores
     that hold activations within the run's memory budget) returns the layer rows, the block's
-    relative output error, its quantized outputs and, given the float model's inputs to this block
-    (``float_inputs``, for steps with ``float_path``), the float block's outputs on them (the next
-    block's float inputs); data-free, (rows, None, None, None)."""
+    relative output errors (``BlockErrors``), its quantized outputs and, given the float model's
+    inputs to this block (``float_inputs``, for steps with ``float_path``), the float block's
+    outputs on them (the next block's float inputs); data-free, (rows, (None, None), None, None)."""
     transforms = [a for a in algorithms if a.kind == "transform"]
     reference: ActivationStore | None = None
     float_outputs: ActivationStore | None = None
@@ -109,28 +120,35 @@ def quantize_block(
     if new_store is None:  # data-free: the weights' error, and no float copy is kept
         errors = {name: _weight_error(ctx, name) for name in ctx.targets}
         _swap_in_quant_linears(ctx, observers, keep_float=False)
-        return [_row(ctx, name, errors[name]) for name in ctx.targets], None, None, None
+        return [_row(ctx, name, errors[name]) for name in ctx.targets], BlockErrors(None, None), None, None
     float_weights = _swap_in_quant_linears(ctx, observers)
     assert reference is not None
     outputs = new_store()
     sums = {name: torch.zeros(2, dtype=torch.float64) for name in ctx.targets}
     hooks = {ctx.block.get_submodule(n): _error_hook(*float_weights[n], sums[n]) for n in ctx.targets}
-    num = torch.zeros((), dtype=torch.float64)
-    den = torch.zeros((), dtype=torch.float64)
-    for q, f in zip(ctx.forward_iter(hooks), reference, strict=True):
-        num += _squared_sum(q - f).cpu()
-        den += _squared_sum(f).cpu()
+    # [block error num, den, error against the float model's path num, den]
+    totals = torch.zeros(4, dtype=torch.float64)
+    path: Sequence[torch.Tensor | None] = float_outputs if float_outputs is not None else [None] * len(reference)
+    for q, f, m in zip(ctx.forward_iter(hooks), reference, path, strict=True):
+        totals[0] += _squared_sum(q - f).cpu()
+        totals[1] += _squared_sum(f).cpu()
+        if m is not None:
+            totals[2] += _squared_sum(q - m).cpu()
+            totals[3] += _squared_sum(m).cpu()
         outputs.append(q)
     for s in sums.values():
         dist.all_reduce_sum_(s)
-    dist.all_reduce_sum_(num)
-    dist.all_reduce_sum_(den)
+    dist.all_reduce_sum_(totals)
     reference.close()
     rows = []
     for name in ctx.targets:
         e, r = sums[name].tolist()
         rows.append(_row(ctx, name, e / r if r > 0 else 0.0))
-    return rows, float(num / den) if den > 0 else 0.0, outputs, float_outputs
+    num, den, model_num, model_den = totals.tolist()
+    errors = BlockErrors(num / den if den > 0 else 0.0, None)
+    if float_outputs is not None:
+        errors = BlockErrors(errors.block, model_num / model_den if model_den > 0 else 0.0)
+    return rows, errors, outputs, float_outputs
 
 
 def float_forward(ctx: BlockContext, hidden: Sequence[torch.Tensor]) -> Iterator[torch.Tensor]:

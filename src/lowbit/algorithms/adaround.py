@@ -48,6 +48,8 @@ block fed the quantized model's inputs (and approximates ``X`` as above). Measur
 +6.29% perplexity, KL 0.091 with "block"; +3.25%, KL 0.075 with "model" (GPTQ: +9.00%, 0.141).
 The run report's block error is against the float block on the same inputs, which "model" does
 not minimise: it can read higher than GPTQ's while the model's output is closer to the float one.
+Runs that carry the float model's path also report ``model_errors`` (and "vs float model" on the
+status line): each block's output against the float model's own, what "model" does minimise.
 
 Scale: in training the reconstruction loss is divided by the start's (the quantizer's hard
 result: 1 at the start), so ``lam`` weighs the regulariser against the *relative* error whatever
