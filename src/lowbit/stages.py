@@ -145,10 +145,8 @@ def quantize_block(
         e, r = sums[name].tolist()
         rows.append(_row(ctx, name, e / r if r > 0 else 0.0))
     num, den, model_num, model_den = totals.tolist()
-    errors = BlockErrors(num / den if den > 0 else 0.0, None)
-    if float_outputs is not None:
-        errors = BlockErrors(errors.block, model_num / model_den if model_den > 0 else 0.0)
-    return rows, errors, outputs, float_outputs
+    model_error = None if float_outputs is None else (model_num / model_den if model_den > 0 else 0.0)
+    return rows, BlockErrors(num / den if den > 0 else 0.0, model_error), outputs, float_outputs
 
 
 def float_forward(ctx: BlockContext, hidden: Sequence[torch.Tensor]) -> Iterator[torch.Tensor]:
