@@ -305,6 +305,16 @@ def test_bad_parameters_and_recipes_are_refused() -> None:
         build_algorithm("adaround", {"target": "model"})
     with pytest.raises(LowbitError, match="iters"):
         build_algorithm("adaround", {"iters": -1})
+    for step in ("adaround", "signround"):  # the settings both learners share
+        for key, value in (
+            ("batch", 0),
+            ("report_batches", True),
+            ("tokens", 0),
+            ("tokens", True),
+            ("precision", "fp8"),
+        ):
+            with pytest.raises(LowbitError, match=key):
+                build_algorithm(step, {key: value})
     with pytest.raises(LowbitError, match="no quantizer"):
         _run((Step("adaround"),))
     fp4 = QuantSpec("fp4_e2m1", "group", 16, symmetric=True)

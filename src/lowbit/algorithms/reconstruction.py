@@ -68,6 +68,21 @@ def check_teacher(teacher: str) -> None:
         )
 
 
+def check_learner(params: Any) -> None:
+    """The settings AdaRound and SignRound share: ``teacher``, ``iters`` (>= 0), ``batch`` and
+    ``report_batches`` (>= 1), ``precision``, ``tokens`` (a positive integer or None)."""
+    check_teacher(params.teacher)
+    for key in ("iters", "batch", "report_batches"):
+        value = getattr(params, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "iters" else 1):
+            raise ValueError(f"{key} must be an integer >= {0 if key == 'iters' else 1}, got {value!r}")
+    if params.precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {params.precision!r}")
+    tokens = params.tokens
+    if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
+        raise ValueError(f"tokens must be a positive integer or null, got {tokens!r}")
+
+
 def check_trainable(ctx: BlockContext, step: str) -> list[str]:
     """The weight-quantized targets a reconstruct step refines (their initial grids must exist)."""
     if torch.is_inference_mode_enabled():

@@ -35,11 +35,10 @@ from tqdm.auto import tqdm
 
 from lowbit.algorithms.base import Algorithm, BlockContext, register
 from lowbit.algorithms.reconstruction import (
-    PRECISIONS,
     MiniBatches,
     StudentLayer,
     activation_quantizers,
-    check_teacher,
+    check_learner,
     check_trainable,
     grid_weight,
     record,
@@ -136,15 +135,7 @@ class SignRound(Algorithm):
     teacher: str = "model"
 
     def __post_init__(self) -> None:
-        check_teacher(self.teacher)
-        for key in ("iters", "batch", "report_batches"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "iters" else 1):
-                raise ValueError(f"{key} must be an integer >= {0 if key == 'iters' else 1}, got {value!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
-        if self.tokens is not None and (not isinstance(self.tokens, int) or self.tokens < 1):
-            raise ValueError(f"tokens must be a positive integer or null, got {self.tokens!r}")
+        check_learner(self)
         if self.lr is not None:
             check_fraction("lr", self.lr, 1e-12, 1.0)
         check_fraction("min_clip", self.min_clip, 0.0, 1.0)
