@@ -21,9 +21,9 @@ import torch
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
-from lowbit.algorithms.adaround import SoftRounding, adam
 from lowbit.algorithms.reconstruction import StudentLayer, autocast, block_loss, student
 from lowbit.algorithms.rounding import adaround_weight, rectified_sigmoid, rounding_regularizer
+from lowbit.algorithms.softround import SoftRounding, adam
 from lowbit.qweight import quantize_weight
 from lowbit.scheme import QuantSpec
 

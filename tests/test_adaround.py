@@ -16,9 +16,9 @@ import torch
 from tiny_models import tiny_llama, token_ids
 
 from lowbit import api
-from lowbit.algorithms import adaround as adaround_module
-from lowbit.algorithms import build_algorithm
-from lowbit.algorithms.adaround import AdaRound, SoftRounding, gram_loss, learn_layer_rounding
+from lowbit.algorithms import build_algorithm, softround
+from lowbit.algorithms.adaround import AdaRound
+from lowbit.algorithms.adaround_layer import gram_loss, learn_layer_rounding
 from lowbit.algorithms.reconstruction import MiniBatches, autocast, bf16_is_fast
 from lowbit.algorithms.rounding import (
     GAMMA,
@@ -31,6 +31,7 @@ from lowbit.algorithms.rounding import (
     rectified_sigmoid,
     rounding_regularizer,
 )
+from lowbit.algorithms.softround import SoftRounding
 from lowbit.checkpoint import load_quantized
 from lowbit.errors import LowbitError
 from lowbit.gptq import HessianAccumulator, gptq_quantize
@@ -244,14 +245,14 @@ def test_lr_schedule_matches_a_loop_and_is_what_adam_uses(monkeypatch: pytest.Mo
     with pytest.raises(LowbitError, match="lr_schedule"):
         build_algorithm("adaround", {"lr_schedule": "cosine"})
     seen: list[float] = []
-    real = adaround_module.adam
+    real = softround.adam
 
     def spying_adam(rounders: list, lr: float) -> torch.optim.Adam:
         optimizer = real(rounders, lr)
         optimizer.register_step_post_hook(lambda opt, *_: seen.append(opt.param_groups[0]["lr"]))
         return optimizer
 
-    monkeypatch.setattr(adaround_module, "adam", spying_adam)
+    monkeypatch.setattr(softround, "adam", spying_adam)
     x = _correlated(256, 32)
     w = torch.randn(8, 32, generator=torch.Generator().manual_seed(4))
     rounder = SoftRounding(w, quantize_weight(w, W4))

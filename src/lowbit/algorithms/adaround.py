@@ -83,7 +83,7 @@ run 343 s against 531 s); for less time 1 sequence x 200 steps (4.58, run 275 s)
 its time (``bench/learned_rounding.py``).
 
 Speed: a step's soft weight and regulariser gradient take few passes over the weights
-(``softround.py``) and Adam is fused (``adam``): on a SmolLM2-shaped block, 1 x 512 tokens in
+(``softround.py``) and Adam is fused (``softround.adam``): on a SmolLM2-shaped block, 1 x 512 tokens in
 bf16, a step went from 108 ms (the plain autograd formulation) to 78 ms, against 42 ms for the
 block's own forward and backward (``bench/adaround_step.py``); the demo's w4a16-ar from 3.5x to
 2.9x GPTQ's time, the matmuls being most of what is left on a CPU.
@@ -103,8 +103,6 @@ of codes changed), ``recon_seconds``.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -113,6 +111,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+import lowbit.algorithms.softround as softround
+from lowbit.algorithms.adaround_layer import layer_input, learn_layer_rounding
 from lowbit.algorithms.base import Algorithm, BlockContext, register
 from lowbit.algorithms.reconstruction import (
     MiniBatches,
@@ -125,104 +125,14 @@ from lowbit.algorithms.reconstruction import (
     report_batches,
     student,
 )
-from lowbit.algorithms.rounding import (
-    INITS,
-    LR_SCHEDULES,
-    adaround_codes,
-    adaround_start,
-    adaround_weight,
-    beta_schedule,
-    check_fraction,
-    expanded_grid,
-    lr_at,
-    rectified_sigmoid,
-    rounding_regularizer,
-)
-from lowbit.algorithms.softround import SoftGrid, SoftParts, add_regularizer_grad, soft_weight
+from lowbit.algorithms.rounding import INITS, LR_SCHEDULES, beta_schedule, check_fraction, lr_at
+from lowbit.algorithms.softround import SoftRounding, reference_loss, set_lr
 from lowbit.algorithms.toolkit import input_groups
-from lowbit.formats import IntFormat
-from lowbit.hooks import StopForward, forward_pre_hooks
 from lowbit.modules import ActQuantizer
-from lowbit.qweight import QuantizedWeight
 
 TARGETS = ("block", "layer")
 DEFAULTS = {"block": (0.01, 30.0), "layer": (0.1, 10.0)}  # (lam, lr_iters), see the module docstring
 BLOCK_LR_CAP = 0.15  # the block target's default lr is at most this (the value at 200 steps), see the docstring
-
-
-class SoftRounding:
-    """One layer's rounding variables on a fixed grid. ``mode``: "soft" (``h(V)``, training) or
-    "hard" (``h(V) >= 0.5``, the result)."""
-
-    def __init__(self, w: torch.Tensor, qw: QuantizedWeight, init: str = "codes") -> None:
-        device = w.device
-        self.qw = qw
-        base, v0 = adaround_start(w.to(device), _on(qw, device), init)  # refuses float grids
-        fmt = qw.spec.fmt
-        assert isinstance(fmt, IntFormat)
-        self.qmin, self.qmax = fmt.qmin, fmt.qmax
-        self.base, self.v0 = base, v0
-        self.v = v0.clone().requires_grad_(True)
-        self.s, self.z = (t.to(device) for t in expanded_grid(qw))
-        self.outliers = None
-        if qw.outlier_idx is not None and qw.outlier_weight is not None:
-            self.outliers = (qw.outlier_idx.to(device), qw.outlier_weight.to(device, torch.float32))
-        self.grid = SoftGrid.build(base, self.s, self.z, self.qmin, self.qmax, self.outliers)
-        self._parts: SoftParts | None = None
-        self.mode = "soft"
-
-    def parts(self) -> SoftParts:
-        """``h(V)`` and ``dh/dV`` for the current ``V``: recomputed after each step of ``adam``'s
-        optimizer (``forget_parts``) and whenever ``V``'s version changed."""
-        if self._parts is None or self._parts.version != self.v._version:
-            self._parts = SoftParts.of(self.v)
-        return self._parts
-
-    def forget_parts(self) -> None:
-        """Drop the per-step ``h(V)``: ``V`` changed (an optimizer step)."""
-        self._parts = None
-
-    def weight(self) -> torch.Tensor:
-        """The current weight (out, in) float32, differentiable in ``v`` in soft mode."""
-        if self.mode == "soft":  # the same values in few passes (softround.py)
-            return soft_weight(self.v, self.grid, self.parts())
-        with torch.no_grad():
-            h = (rectified_sigmoid(self.v) >= 0.5).to(torch.float32)
-        w = adaround_weight(self.base, h, self.s, self.z, self.qmin, self.qmax)
-        if self.outliers is not None:  # OWQ's float columns stay as they are
-            w = w.index_copy(1, self.outliers[0], self.outliers[1])
-        return w
-
-    def regularizer(self, beta: float) -> torch.Tensor:
-        """The regulariser's value (a 0-d tensor, differentiable in ``v``)."""
-        return rounding_regularizer(rectified_sigmoid(self.v), beta)
-
-    def add_regularizer_grad(self, lam: float, beta: float) -> None:
-        """Add ``lam`` times the regulariser's gradient to ``v.grad`` (no graph)."""
-        add_regularizer_grad(self.v, self.parts(), lam, beta)
-
-    def result(self) -> QuantizedWeight:
-        """The start's grid with the learned hard rounding as its codes."""
-        with torch.no_grad():
-            q = adaround_codes(self.base, self.v, self.qmin, self.qmax)
-        codes = self.qw.spec.fmt.to_codes(q).to(self.qw.codes.device)
-        return dataclasses.replace(self.qw, codes=codes)
-
-    def flipped(self) -> float:
-        with torch.no_grad():
-            start = adaround_codes(self.base, self.v0, self.qmin, self.qmax)
-            end = adaround_codes(self.base, self.v, self.qmin, self.qmax)
-        return float((start != end).float().mean())
-
-
-def _on(qw: QuantizedWeight, device: torch.device) -> QuantizedWeight:
-    return dataclasses.replace(
-        qw,
-        codes=qw.codes.to(device),
-        scale=qw.scale.to(device),
-        zero_point=qw.zero_point.to(device),
-        g_idx=qw.g_idx.to(device),
-    )
 
 
 @register("adaround", kind="reconstruct")
@@ -323,10 +233,10 @@ class AdaRound(Algorithm):
             report = report_batches(ctx, self.report_batches)
             _set_mode(rounders, "hard")
             loss_start = batches.loss(report)
-            reference = _reference(loss_start)
+            reference = reference_loss(loss_start)
             _set_mode(rounders, "soft")
             lr = self.learning_rate()
-            optimizer = adam(list(rounders.values()), lr)
+            optimizer = softround.adam(list(rounders.values()), lr)
             bar = tqdm(range(self.iters), desc=f"adaround block {ctx.index}", leave=False, disable=not ctx.progress)
             with torch.enable_grad():
                 for step in bar:
@@ -391,9 +301,9 @@ class AdaRound(Algorithm):
         ctx.passes += 2
         for i, (hidden, kwargs) in enumerate(ctx.inputs):
             # X: the float model's input of the layer where the run carries the float path
-            x = _layer_input(ctx.block, linear, hidden if ctx.float_inputs is None else ctx.float_inputs[i], kwargs)
+            x = layer_input(ctx.block, linear, hidden if ctx.float_inputs is None else ctx.float_inputs[i], kwargs)
             with student(ctx.block, layers), torch.no_grad():
-                xt = _layer_input(ctx.block, linear, hidden, kwargs)
+                xt = layer_input(ctx.block, linear, hidden, kwargs)
             if act is not None:
                 xt = act(xt)
             x, xt = x.reshape(-1, width).float(), xt.reshape(-1, width).float()
@@ -424,95 +334,6 @@ class AdaRound(Algorithm):
             return
         stats["recon_flipped"] = rounder.flipped()
         ctx.qweights[name] = rounder.result()
-
-
-def gram_loss(
-    w: torch.Tensor, grams: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``W~ -> ||X Wᵀ - X~ W~ᵀ||² / n`` from ``grams = (XᵀX, X~ᵀX, X~ᵀX~, n)`` for the float weight
-    ``w`` (out, in): ``(tr(W XᵀX Wᵀ) - 2 tr(W~ X~ᵀX Wᵀ) + tr(W~ X~ᵀX~ W~ᵀ)) / n``."""
-    a, b, c, n = grams
-    const = float((w * (w @ a)).sum(dtype=torch.float64))
-    k = w @ b.T  # W XᵀX~
-
-    def loss(wt: torch.Tensor) -> torch.Tensor:
-        return (const - 2.0 * (wt * k).sum() + (wt * (wt @ c)).sum()) / max(n, 1)
-
-    return loss
-
-
-def learn_layer_rounding(
-    params: AdaRound,
-    rounder: SoftRounding,
-    w: torch.Tensor,
-    grams: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int],
-    progress: bool = False,
-    name: str = "",
-) -> tuple[float, float]:
-    """Train ``rounder`` on one layer's asymmetric reconstruction loss (``gram_loss``) with
-    ``params``' iterations, learning rate, lambda and beta schedule (full batch: the Gram matrices
-    hold every token). Leaves ``rounder`` in hard mode; returns the hard loss before and after."""
-    loss = gram_loss(w, grams)
-    rounder.mode = "hard"
-    with torch.no_grad():
-        loss_start = float(loss(rounder.weight()))
-    reference = _reference(loss_start)
-    rounder.mode = "soft"
-    lr = params.learning_rate()
-    optimizer = adam([rounder], lr)
-    with torch.enable_grad():
-        for step in tqdm(range(params.iters), desc=f"adaround {name}", leave=False, disable=not progress):
-            optimizer.zero_grad(set_to_none=True)
-            set_lr(optimizer, lr_at(step, params.iters, lr, params.lr_schedule))
-            (loss(rounder.weight()) / reference).backward()
-            beta = beta_schedule(step, params.iters, params.warmup, params.beta_start, params.beta_end)
-            if beta is not None and params.weight() > 0:
-                rounder.add_regularizer_grad(params.weight(), beta)
-            optimizer.step()
-    rounder.mode = "hard"
-    with torch.no_grad():
-        loss_end = float(loss(rounder.weight()))
-    return loss_start, loss_end
-
-
-def _layer_input(block: nn.Module, linear: nn.Linear, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    """The input of ``linear`` when ``block`` runs on one batch (the pass stops there)."""
-    got: list[torch.Tensor] = []
-
-    def hook(_m: nn.Module, inp: tuple[torch.Tensor, ...]) -> None:
-        got.append(inp[0].detach())
-        raise StopForward
-
-    with torch.no_grad(), forward_pre_hooks({linear: hook}), contextlib.suppress(StopForward):
-        block(hidden, **kwargs)
-    return got[0]
-
-
-def _reference(loss_start: float) -> float:
-    """What the reconstruction loss is divided by in training: the start's loss (so ``lam`` weighs
-    the regulariser against the relative error), or 1 when the start is exact."""
-    return loss_start if loss_start > 0 and loss_start < float("inf") else 1.0
-
-
-def adam(rounders: list[SoftRounding], lr: float) -> torch.optim.Adam:
-    """Adam on the rounders' ``V``, its fused single-pass kernel where the device has one (CPU,
-    CUDA: otherwise an update is several passes over every weight of the block). Each step
-    drops the rounders' per-step ``h(V)`` (the fused kernel does not bump ``V``'s version)."""
-    params = [r.v for r in rounders]
-    fused = all(p.device.type in ("cpu", "cuda") for p in params)
-    optimizer = torch.optim.Adam(params, lr=lr, fused=fused)
-
-    def stale(*_: object) -> None:
-        for r in rounders:
-            r.forget_parts()
-
-    optimizer.register_step_post_hook(stale)
-    return optimizer
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
 
 
 def _frozen_weight(linear: nn.Linear) -> Callable[[], torch.Tensor]:

@@ -16,16 +16,32 @@ take less time than that, these passes were most of a step. The same values here
 
 ``tests/test_softround.py`` checks the weight and both gradients against the autograd reference
 (``rounding.adaround_weight`` and ``rounding.rounding_regularizer``).
+
+``SoftRounding`` holds one layer's rounding variables on its fixed grid (soft for training, hard
+for the result) and ``adam`` the optimizer over them; both AdaRound targets (``adaround.py``,
+``adaround_layer.py``) train through them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from lowbit.algorithms.rounding import GAMMA, ZETA
+from lowbit.algorithms.rounding import (
+    GAMMA,
+    ZETA,
+    adaround_codes,
+    adaround_start,
+    adaround_weight,
+    expanded_grid,
+    rectified_sigmoid,
+    rounding_regularizer,
+)
+from lowbit.formats import IntFormat
+from lowbit.qweight import QuantizedWeight
 
 
 @dataclass
@@ -108,3 +124,105 @@ def add_regularizer_grad(v: torch.Tensor, parts: SoftParts, lam: float, beta: fl
         v.grad = g.mul_(-2.0 * beta * lam)
     else:
         v.grad.add_(g, alpha=-2.0 * beta * lam)
+
+
+class SoftRounding:
+    """One layer's rounding variables on a fixed grid. ``mode``: "soft" (``h(V)``, training) or
+    "hard" (``h(V) >= 0.5``, the result)."""
+
+    def __init__(self, w: torch.Tensor, qw: QuantizedWeight, init: str = "codes") -> None:
+        device = w.device
+        self.qw = qw
+        base, v0 = adaround_start(w.to(device), _on(qw, device), init)  # refuses float grids
+        fmt = qw.spec.fmt
+        assert isinstance(fmt, IntFormat)
+        self.qmin, self.qmax = fmt.qmin, fmt.qmax
+        self.base, self.v0 = base, v0
+        self.v = v0.clone().requires_grad_(True)
+        self.s, self.z = (t.to(device) for t in expanded_grid(qw))
+        self.outliers = None
+        if qw.outlier_idx is not None and qw.outlier_weight is not None:
+            self.outliers = (qw.outlier_idx.to(device), qw.outlier_weight.to(device, torch.float32))
+        self.grid = SoftGrid.build(base, self.s, self.z, self.qmin, self.qmax, self.outliers)
+        self._parts: SoftParts | None = None
+        self.mode = "soft"
+
+    def parts(self) -> SoftParts:
+        """``h(V)`` and ``dh/dV`` for the current ``V``: recomputed after each step of ``adam``'s
+        optimizer (``forget_parts``) and whenever ``V``'s version changed."""
+        if self._parts is None or self._parts.version != self.v._version:
+            self._parts = SoftParts.of(self.v)
+        return self._parts
+
+    def forget_parts(self) -> None:
+        """Drop the per-step ``h(V)``: ``V`` changed (an optimizer step)."""
+        self._parts = None
+
+    def weight(self) -> torch.Tensor:
+        """The current weight (out, in) float32, differentiable in ``v`` in soft mode."""
+        if self.mode == "soft":  # the same values in few passes (softround.py)
+            return soft_weight(self.v, self.grid, self.parts())
+        with torch.no_grad():
+            h = (rectified_sigmoid(self.v) >= 0.5).to(torch.float32)
+        w = adaround_weight(self.base, h, self.s, self.z, self.qmin, self.qmax)
+        if self.outliers is not None:  # OWQ's float columns stay as they are
+            w = w.index_copy(1, self.outliers[0], self.outliers[1])
+        return w
+
+    def regularizer(self, beta: float) -> torch.Tensor:
+        """The regulariser's value (a 0-d tensor, differentiable in ``v``)."""
+        return rounding_regularizer(rectified_sigmoid(self.v), beta)
+
+    def add_regularizer_grad(self, lam: float, beta: float) -> None:
+        """Add ``lam`` times the regulariser's gradient to ``v.grad`` (no graph)."""
+        add_regularizer_grad(self.v, self.parts(), lam, beta)
+
+    def result(self) -> QuantizedWeight:
+        """The start's grid with the learned hard rounding as its codes."""
+        with torch.no_grad():
+            q = adaround_codes(self.base, self.v, self.qmin, self.qmax)
+        codes = self.qw.spec.fmt.to_codes(q).to(self.qw.codes.device)
+        return dataclasses.replace(self.qw, codes=codes)
+
+    def flipped(self) -> float:
+        with torch.no_grad():
+            start = adaround_codes(self.base, self.v0, self.qmin, self.qmax)
+            end = adaround_codes(self.base, self.v, self.qmin, self.qmax)
+        return float((start != end).float().mean())
+
+
+def _on(qw: QuantizedWeight, device: torch.device) -> QuantizedWeight:
+    return dataclasses.replace(
+        qw,
+        codes=qw.codes.to(device),
+        scale=qw.scale.to(device),
+        zero_point=qw.zero_point.to(device),
+        g_idx=qw.g_idx.to(device),
+    )
+
+
+def reference_loss(loss_start: float) -> float:
+    """What the reconstruction loss is divided by in training: the start's loss (so ``lam`` weighs
+    the regulariser against the relative error), or 1 when the start is exact."""
+    return loss_start if loss_start > 0 and loss_start < float("inf") else 1.0
+
+
+def adam(rounders: list[SoftRounding], lr: float) -> torch.optim.Adam:
+    """Adam on the rounders' ``V``, its fused single-pass kernel where the device has one (CPU,
+    CUDA: otherwise an update is several passes over every weight of the block). Each step
+    drops the rounders' per-step ``h(V)`` (the fused kernel does not bump ``V``'s version)."""
+    params = [r.v for r in rounders]
+    fused = all(p.device.type in ("cpu", "cuda") for p in params)
+    optimizer = torch.optim.Adam(params, lr=lr, fused=fused)
+
+    def stale(*_: object) -> None:
+        for r in rounders:
+            r.forget_parts()
+
+    optimizer.register_step_post_hook(stale)
+    return optimizer
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
