@@ -138,7 +138,7 @@ class FloatFormat:
 
     def to_codes(self, q: torch.Tensor) -> torch.Tensor:
         """Grid values (exactly on the grid) -> uint8 bit patterns."""
-        vals, codes = self._encode_index
+        vals, codes = (t.to(q.device) for t in self._encode_index)
         flat = q.to(torch.float32).reshape(-1)
         idx = torch.searchsorted(vals, flat).clamp_(max=len(vals) - 1)
         if not torch.equal(vals[idx], flat):
@@ -147,7 +147,7 @@ class FloatFormat:
 
     def from_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """uint8 bit patterns -> float32 grid values."""
-        return self._table[codes.to(torch.int64)]
+        return self._table.to(codes.device)[codes.to(torch.int64)]
 
     def grid(self) -> torch.Tensor:
         """All finite grid values, sorted, float32."""

@@ -42,12 +42,16 @@ class HessianAccumulator:
     Data-parallel calibration: each rank adds its share of the inputs, then :meth:`reduce` once.
     """
 
-    def __init__(self, in_features: int, dtype: torch.dtype = torch.float32) -> None:
-        self.sum = torch.zeros(in_features, in_features, dtype=dtype)
+    def __init__(
+        self, in_features: int, dtype: torch.dtype = torch.float32, device: torch.device | None = None
+    ) -> None:
+        self.sum = torch.zeros(in_features, in_features, dtype=dtype, device=device)
         self.count = 0
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).to(self.sum.dtype)
+        if self.count == 0 and self.sum.device != x.device:  # sum where the activations are
+            self.sum = self.sum.to(x.device)
+        x = x.detach().reshape(-1, x.shape[-1]).to(self.sum.device, self.sum.dtype)
         if x.shape[1] != self.sum.shape[0]:
             raise LowbitError(f"activation width {x.shape[1]} does not match the Hessian's {self.sum.shape[0]}")
         self.sum.addmm_(x.T, x)
@@ -102,7 +106,7 @@ def inverse_cholesky(h: torch.Tensor, damp: float, max_tries: int = 8) -> tuple[
     mean_diag = float(h64.diagonal().mean())
     if mean_diag <= 0 or not torch.isfinite(h64).all():
         raise LowbitError("the Hessian is zero or not finite: the layer saw no usable calibration input")
-    eye = torch.eye(h.shape[0], dtype=torch.float64)
+    eye = torch.eye(h.shape[0], dtype=torch.float64, device=h.device)
     for _ in range(max_tries):
         lower, info = torch.linalg.cholesky_ex(h64 + damp * mean_diag * eye)
         if int(info) == 0:
@@ -178,8 +182,9 @@ def gptq_quantize(
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
 
-    keep_mask = torch.zeros(inp, dtype=torch.bool)
+    keep_mask = torch.zeros(inp, dtype=torch.bool, device=W.device)
     if keep is not None and keep.numel():
+        keep = keep.to(W.device)
         if int(keep.min()) < 0 or int(keep.max()) >= inp:
             raise LowbitError(f"float columns {keep.tolist()} are outside 0..{inp - 1}")
         keep_mask[keep] = True
@@ -205,12 +210,12 @@ def gptq_quantize(
     W = W[:, perm]
     hinv, damp_used = inverse_cholesky(H[perm][:, perm], damp)
 
-    codes = torch.zeros(out, inp, dtype=torch.float32)  # grid values q, permuted order
-    losses = torch.zeros(out, dtype=torch.float64)
+    codes = torch.zeros(out, inp, dtype=torch.float32, device=W.device)  # grid values q, permuted order
+    losses = torch.zeros(out, dtype=torch.float64, device=W.device)
     group_scales: list[torch.Tensor] = []
     group_zps: list[torch.Tensor] = []
-    g_perm = torch.zeros(inp, dtype=torch.int64)  # group of each permuted column (dynamic groups)
-    scale = zp = torch.empty(0)
+    g_perm = torch.zeros(inp, dtype=torch.int64, device=W.device)  # group of each permuted column (dynamic groups)
+    scale = zp = torch.empty(0, device=W.device)
     with _one_cpu_thread(W.device):
         for i1 in range(0, n_q, block_size):
             i2 = min(i1 + block_size, n_q)
@@ -253,11 +258,11 @@ def gptq_quantize(
     codes = codes[:, inv]
     if gs is None:
         assert fixed_scale is not None and fixed_zp is not None
-        scale_all, zp_all, g_idx = fixed_scale, fixed_zp, torch.zeros(inp, dtype=torch.int64)
+        scale_all, zp_all, g_idx = fixed_scale, fixed_zp, torch.zeros(inp, dtype=torch.int64, device=W.device)
     elif static_groups:
         assert fixed_scale is not None and fixed_zp is not None
         scale_all, zp_all = fixed_scale, fixed_zp
-        g_idx = torch.arange(inp, dtype=torch.int64) // gs
+        g_idx = torch.arange(inp, dtype=torch.int64, device=W.device) // gs
     else:
         # float columns can leave fewer groups than ceil(in / gs); pad so every file layout fits
         n_groups = -(-inp // gs)
