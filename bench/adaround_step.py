@@ -24,6 +24,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRot
 from lowbit.algorithms.reconstruction import StudentLayer, autocast, block_loss, student
 from lowbit.algorithms.rounding import adaround_weight, rectified_sigmoid, rounding_regularizer
 from lowbit.algorithms.softround import SoftRounding, adam
+from lowbit.pipeline import resolve_device
 from lowbit.qweight import quantize_weight
 from lowbit.scheme import QuantSpec
 
@@ -40,24 +41,27 @@ class ReferenceRounding(SoftRounding):
         (lam * rounding_regularizer(rectified_sigmoid(self.v), beta)).backward()
 
 
-def block_and_inputs(tokens: int) -> tuple[torch.nn.Module, torch.Tensor, dict, torch.Tensor]:
+def block_and_inputs(tokens: int, device: torch.device) -> tuple[torch.nn.Module, torch.Tensor, dict, torch.Tensor]:
     torch.manual_seed(0)
     cfg = LlamaConfig(
         hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3, head_dim=64
     )
     cfg._attn_implementation = "sdpa"
-    block = LlamaDecoderLayer(cfg, 0).float().eval()
+    block = LlamaDecoderLayer(cfg, 0).float().eval().to(device)
     for p in block.parameters():
         p.requires_grad_(False)
-    x = torch.randn(1, tokens, 576)
-    kwargs = {"position_embeddings": LlamaRotaryEmbedding(cfg)(x, torch.arange(tokens)[None]), "attention_mask": None}
+    x = torch.randn(1, tokens, 576).to(device)
+    rotary = LlamaRotaryEmbedding(cfg).to(device)
+    kwargs = {"position_embeddings": rotary(x, torch.arange(tokens, device=device)[None]), "attention_mask": None}
     with torch.no_grad():
         out = block(x, **kwargs)
     return block, x, kwargs, out[0] if isinstance(out, tuple) else out
 
 
-def run(kind: type[SoftRounding], steps: int, tokens: int, precision: str) -> tuple[float, list[float]]:
-    block, x, kwargs, target = block_and_inputs(tokens)
+def run(
+    kind: type[SoftRounding], steps: int, tokens: int, precision: str, device: torch.device
+) -> tuple[float, list[float]]:
+    block, x, kwargs, target = block_and_inputs(tokens, device)
     linears = {n: m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
     spec = QuantSpec("int4", "group", 64, symmetric=True)
     rounders = {n: kind(m.weight.float(), quantize_weight(m.weight, spec)) for n, m in linears.items()}
@@ -77,13 +81,14 @@ def run(kind: type[SoftRounding], steps: int, tokens: int, precision: str) -> tu
         for r in rounders.values():
             r.add_regularizer_grad(LAM, BETA)
         optimizer.step()
-        losses.append(float(loss.detach()))
+        losses.append(loss.detach())
 
-    return timed(step, steps), losses
+    seconds = timed(step, steps, device)
+    return seconds, [float(t) for t in losses]
 
 
-def frozen_pass(tokens: int, precision: str, steps: int) -> float:
-    block, x, kwargs, target = block_and_inputs(tokens)
+def frozen_pass(tokens: int, precision: str, steps: int, device: torch.device) -> float:
+    block, x, kwargs, target = block_and_inputs(tokens, device)
     x = x.clone().requires_grad_(True)
 
     def step() -> None:
@@ -91,15 +96,22 @@ def frozen_pass(tokens: int, precision: str, steps: int) -> float:
             out = block(x, **kwargs)
         block_loss(out, target).backward()
 
-    return timed(step, steps)
+    return timed(step, steps, device)
 
 
-def timed(step: Callable[[], None], steps: int) -> float:
+def timed(step: Callable[[], None], steps: int, device: torch.device) -> float:
     step()  # warm-up
+    sync(device)
     start = time.perf_counter()
     for _ in range(steps):
         step()
+    sync(device)
     return (time.perf_counter() - start) / steps
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def main() -> None:
@@ -107,12 +119,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     args = ap.parse_args()
-    ref_s, ref_losses = run(ReferenceRounding, args.steps, args.tokens, args.precision)
-    new_s, new_losses = run(SoftRounding, args.steps, args.tokens, args.precision)
-    floor_s = frozen_pass(args.tokens, args.precision, args.steps)
+    device = resolve_device(args.device)
+    ref_s, ref_losses = run(ReferenceRounding, args.steps, args.tokens, args.precision, device)
+    new_s, new_losses = run(SoftRounding, args.steps, args.tokens, args.precision, device)
+    floor_s = frozen_pass(args.tokens, args.precision, args.steps, device)
     diff = max(abs(a - b) / max(abs(a), 1e-12) for a, b in zip(ref_losses, new_losses, strict=True))
-    print(f"threads {torch.get_num_threads()}, 1 x {args.tokens} tokens, {args.precision}, {args.steps} steps")
+    setting = f"1 x {args.tokens} tokens, {args.precision}, {args.steps} steps"
+    print(f"{device}, threads {torch.get_num_threads()}, {setting}")
     print(f"autograd reference     {1e3 * ref_s:8.1f} ms/step")
     print(f"lowbit (few-pass)      {1e3 * new_s:8.1f} ms/step   reference / lowbit {ref_s / new_s:.2f}x")
     print(f"block fwd+bwd, frozen  {1e3 * floor_s:8.1f} ms/step   lowbit / frozen {new_s / floor_s:.2f}x")

@@ -28,6 +28,7 @@ from typing import Any
 
 from lowbit import api
 from lowbit.eval import format_table
+from lowbit.pipeline import resolve_device
 from lowbit.presets import get_preset
 from lowbit.scheme import Recipe, Step, with_group_size
 
@@ -78,24 +79,29 @@ def main() -> int:
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--quick", action="store_true", help="8 x 256 calibration tokens, 4 windows, 4-bit rows")
     ap.add_argument("--set", action="append", default=[], help="KEY=VALUE for the learned-rounding steps")
+    ap.add_argument("--model", default="demo", help="model: demo, a Hub id, a directory or a .gguf file")
+    ap.add_argument("--data", default="demo", help="calibration and evaluation text: demo, a file or a datasets name")
+    ap.add_argument("--device", default="cpu", help="where blocks are quantized and the models evaluated: cpu, cuda")
     args = ap.parse_args()
     if args.quick:
         args.samples, args.seq_len, args.windows = 8, 256, 4
     names = (args.rows or (QUICK_ROWS if args.quick else ROWS)).split(",")
     overrides = parse_sets(args.set)
 
-    original, tok = api.load_model("demo")
-    calib = api.calibration_samples(tok, "demo", n_samples=args.samples, seq_len=args.seq_len, seed=0)
-    windows = api.eval_windows(tok, "demo", seq_len=512, n_windows=args.windows)
+    original, tok = api.load_model(args.model)
+    device = resolve_device(args.device)
+    reference = copy.deepcopy(original).to(device)  # the float model evaluations compare with
+    calib = api.calibration_samples(tok, args.data, n_samples=args.samples, seq_len=args.seq_len, seed=0)
+    windows = api.eval_windows(tok, args.data, seq_len=512, n_windows=args.windows)
     rows: dict[str, dict[str, Any]] = {}
     base = float("nan")
     for name in names:
         recipe = recipe_for(name, args.group_size, overrides)
         model = copy.deepcopy(original)
         start = time.perf_counter()
-        api.quantize(model, recipe, calib, progress=False)
+        api.quantize(model, recipe, calib, progress=False, device=args.device)
         seconds = time.perf_counter() - start
-        res = api.evaluate(model, windows, baseline=original, progress=False)
+        res = api.evaluate(model.to(device), windows, baseline=reference, progress=False)
         base = res.baseline_perplexity or float("nan")
         rows[name] = {
             "preset": name,
@@ -116,7 +122,8 @@ def main() -> int:
             row["kl_ratio"] = row["kl"] / ref["kl"] if ref["kl"] else float("nan")
             row["time_ratio"] = row["seconds"] / ref["seconds"]
     print(
-        f"\nSmolLM2-135M-Instruct, {args.samples} x {args.seq_len} calibration tokens, groups of {args.group_size}, "
+        f"\n{args.model} on {args.data} ({device}), {args.samples} x {args.seq_len} calibration tokens, "
+        f"groups of {args.group_size}, "
         f"{windows.shape[0]} x 512 held-out tokens, fp32 perplexity {base:.3f}"
         + (f", learned-rounding overrides {overrides}" if overrides else "")
     )

@@ -88,8 +88,11 @@ def quantize(
     calib: torch.Tensor,
     batch_size: int = defaults.BATCH_SIZE,
     progress: bool = True,
+    device: str = "cpu",
 ) -> RunReport:
     """Quantize ``model`` in place; ``calib`` is (n, T) token ids from ``calibration_samples``.
+    ``device``: where each block and its activations are processed (cpu, cuda, cuda:N or auto);
+    the model stays where it is between blocks.
 
     The recipe is checked against the model's layers first (``preflight.check_recipe``: patterns
     that match nothing, group sizes that do not divide a layer's width), before any calibration pass.
@@ -98,7 +101,7 @@ def quantize(
 
     resolved = resolve_recipe(recipe)
     check_recipe(resolved, model)
-    return quantize_model(model, resolved, calib, batch_size=batch_size, progress=progress)
+    return quantize_model(model, resolved, calib, batch_size=batch_size, progress=progress, device=device)
 
 
 def quantize_to(
