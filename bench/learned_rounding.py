@@ -14,7 +14,8 @@ GPTQ's; 3 and 2 bits increase <= 0.5x; W4 time <= 2x).
 ``--quick`` is 8 x 256 calibration tokens, 4 evaluation windows and the 4-bit rows only (a
 smoke run: learned rounding's cost does not shrink with the calibration set as GPTQ's does, so
 its time ratio is not the one of the full run). ``--set KEY=VALUE`` overrides a parameter of
-the learned-rounding steps (e.g. ``iters=50``).
+the learned-rounding steps (e.g. ``iters=50``). ``--model`` / ``--data`` take any model and text
+lowbit loads (default the demo's); ``--device cuda`` quantizes the blocks and evaluates on a GPU.
 """
 
 from __future__ import annotations
