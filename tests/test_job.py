@@ -98,7 +98,7 @@ def _count_blocks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 def test_a_killed_job_resumes_to_the_uninterrupted_checkpoint(
     world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str, recipe: str
 ) -> None:
-    run_job(_job(world, tmp_path / "whole", recipe))
+    whole = run_job(_job(world, tmp_path / "whole", recipe))
     emit = lowbit.pipeline._emit
 
     def killed(sink: Any, block: Any, prefix: str, index: int, *rest: Any) -> None:
@@ -120,6 +120,9 @@ def test_a_killed_job_resumes_to_the_uninterrupted_checkpoint(
     # after block 0 it came from the partial run; without its outputs it is done again
     assert processed == ([1] if where == "after block 0" else [0, 1])
     assert len(report.layers) == 14 and len(report.block_errors) == 2
+    # the finished block's errors against the float model come back from the partial run
+    assert len(report.model_errors) == (2 if recipe == "w4a16-ar-model" else 0)
+    assert report.model_errors == pytest.approx(whole.model_errors, rel=1e-6)
     assert checkpoint_digests(tmp_path / "resumed") == checkpoint_digests(tmp_path / "whole")
     for f in sorted((tmp_path / "whole").glob("*.safetensors")):
         assert f.read_bytes() == (tmp_path / "resumed" / f.name).read_bytes(), f.name
