@@ -336,3 +336,15 @@ def test_bcq_beats_rtn_on_the_demo_model() -> None:
     assert results["bcq"].kl is not None and results["rtn"].kl is not None
     assert results["bcq"].kl < results["rtn"].kl, (results["bcq"], results["rtn"])
     assert all(b < r for b, r in zip(errors["bcq"], errors["rtn"], strict=True)), errors
+
+
+def test_to_moves_every_tensor_field() -> None:
+    w = torch.randn(8, 16)
+    bw = bcq_weight(fit_bcq(w, 3, 8, rounds=2), w, _spec(3, 8), 8)
+    moved = bw.to("meta")
+    for f in dataclasses.fields(bw):
+        value = getattr(bw, f.name)
+        if isinstance(value, torch.Tensor):
+            assert getattr(moved, f.name).device.type == "meta", f.name
+            assert getattr(moved, f.name).dtype == value.dtype, f.name
+    assert (moved.group_size, moved.spec) == (bw.group_size, bw.spec)

@@ -9,13 +9,19 @@ every preset below ran, RTN and BCQ equal to the CPU's bit for bit, the rest wit
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
 from tiny_models import tiny_llama, token_ids
+from world import build_world
 
-from lowbit.pipeline import quantize_model
+from lowbit.golden import checkpoint_digests
+from lowbit.job import Job, run_job
+from lowbit.modules import QuantLinear
+from lowbit.pipeline import RunOptions, quantize_model
 from lowbit.presets import get_preset
+from lowbit.qweight import TENSOR_FIELDS
 from lowbit.scheme import Step
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -45,3 +51,32 @@ def test_a_preset_on_cuda_matches_the_cpu(name: str) -> None:
         assert torch.equal(cpu_out, cuda_out)
     else:
         assert cuda_error == pytest.approx(cpu_error, rel=0.1)
+
+
+def test_finished_layers_go_back_to_the_host() -> None:
+    """``Module.to`` moves buffers only: the codes and scales (plain attributes) follow the block
+    back to the CPU by ``pipeline._to_host``."""
+    model = tiny_llama()
+    quantize_model(model, get_preset("w4a16"), token_ids(8, 64), progress=False, device="cuda")
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert layers
+    for m in layers:
+        assert m.qweight is not None and m.weight.device.type == "cpu"
+        for f in TENSOR_FIELDS:
+            t = getattr(m.qweight, f)
+            assert t is None or t.device.type == "cpu", f
+
+
+@pytest.mark.parametrize("recipe", ["w4a16-rtn", "w4a16", "w3a16-bcq"])
+def test_a_streamed_job_on_cuda_writes_a_checkpoint(tmp_path: Path, recipe: str) -> None:
+    """Writing compares the group index with the default layout: with GPTQ's made on the GPU it
+    raised before the layers were moved to the host. RTN's checkpoint is the CPU's, byte for byte."""
+    world = build_world(tmp_path / "world")
+    digests = {}
+    for device in ("cpu", "cuda"):
+        options = RunOptions(batch_size=2, progress=False, device=device)
+        job = Job(str(world.model), get_preset(recipe), tmp_path / device, str(world.text), 6, 32, options=options)
+        run_job(job)
+        digests[device] = checkpoint_digests(tmp_path / device)
+    if recipe == "w4a16-rtn":
+        assert digests["cpu"] == digests["cuda"]

@@ -278,3 +278,25 @@ def test_grid_values_and_dequantize_formula() -> None:
     )
     assert fp.dequantize().tolist() == [[1.5, -1.5, 0.125]]
     assert np.isclose(fp.bits_per_weight(), 4 + 32 / 3)
+
+
+def test_to_moves_every_tensor_field() -> None:
+    """``QuantizedWeight.to`` (the runner moves finished layers to the host with it) moves every
+    tensor the dataclass holds, optional ones included, and keeps their dtypes."""
+    w = torch.randn(8, 16)
+    qw = quantize_weight(w, QuantSpec("int4", "group", 8, symmetric=True))
+    full = dataclasses.replace(
+        qw,
+        outlier_idx=torch.tensor([1, 3]),
+        outlier_weight=torch.randn(8, 2).half(),
+        lorc_u=torch.randn(8, 2),
+        lorc_v=torch.randn(2, 16),
+    )
+    moved = full.to("meta")
+    for f in dataclasses.fields(full):
+        value = getattr(full, f.name)
+        if isinstance(value, torch.Tensor):
+            assert getattr(moved, f.name).device.type == "meta", f.name
+            assert getattr(moved, f.name).dtype == value.dtype, f.name
+    assert moved.spec == full.spec
+    assert qw.to("meta").outlier_idx is None

@@ -18,6 +18,7 @@ moments ``diag(H)``), which changes the least-squares step, not the best code of
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +56,12 @@ class BCQWeight:
     @property
     def bits(self) -> int:
         return int(self.alpha.shape[-1])
+
+    def to(self, device: torch.device | str) -> BCQWeight:
+        """The same weight with its tensors on ``device``."""
+        return dataclasses.replace(
+            self, codes=self.codes.to(device), alpha=self.alpha.to(device), offset=self.offset.to(device)
+        )
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """(out, in) weight in ``dtype`` (float32 by default)."""

@@ -84,7 +84,7 @@ def _qweight_tensors(name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     if not qw.spec.symmetric:
         out[f"{name}.weight_zero_point"] = qw.zero_point.to(torch.int32).contiguous()
     default = group_index(qw.shape[1], qw.spec.group_size if qw.spec.granularity == "group" else None)
-    if not torch.equal(qw.g_idx, default):
+    if not torch.equal(qw.g_idx.cpu(), default):
         out[f"{name}.weight_g_idx"] = qw.g_idx.contiguous()
     if qw.outlier_idx is not None and qw.outlier_weight is not None:  # OWQ's float columns
         out[f"{name}.weight_outlier_idx"] = qw.outlier_idx.to(torch.int64).contiguous()

@@ -205,6 +205,7 @@ def run(source: Source, recipe: Any, calib: torch.Tensor, options: RunOptions, s
             if errors.model is not None:
                 model_errors.append(errors.model)
             block.to("cpu")
+            _to_host(block)
             if hidden is not None:
                 hidden.close()
                 hidden = outputs
@@ -312,6 +313,18 @@ def _boundary(sink: Sink | None, first: int) -> list[torch.Tensor]:
             "rerun without --resume"
         )
     return saved[1]
+
+
+def _to_host(block: nn.Module) -> None:
+    """Move the quantized layers' codes and scales to the CPU with the block: ``Module.to`` moves
+    buffers only, and ``qweight`` / ``bcq`` are plain attributes (a run on a GPU left them there,
+    about the model's quantized size, and writing a checkpoint compared them with CPU tensors)."""
+    for module in block.modules():
+        if isinstance(module, QuantLinear):
+            if module.qweight is not None:
+                module.qweight = module.qweight.to("cpu")
+            if module.bcq is not None:
+                module.bcq = module.bcq.to("cpu")
 
 
 def _unload(block: nn.Module) -> None:

@@ -23,7 +23,9 @@ float columns put back.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -33,6 +35,8 @@ from lowbit.observers import Observer, make_observer, row_range
 from lowbit.olive import OLIVE_WEIGHT_SAMPLE, olive_decode, olive_encode, olive_grid, olive_scale
 from lowbit.primitives import SCALE_DTYPES, RangeFakeQuant, group_index, qparams, quantize
 from lowbit.scheme import QuantSpec
+
+TENSOR_FIELDS = ("codes", "scale", "zero_point", "g_idx", "outlier_idx", "outlier_weight", "lorc_u", "lorc_v")
 
 
 @dataclass
@@ -46,6 +50,14 @@ class QuantizedWeight:
     outlier_weight: torch.Tensor | None = None
     lorc_u: torch.Tensor | None = None
     lorc_v: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str) -> QuantizedWeight:
+        """The same weight with every tensor on ``device`` (dtypes kept)."""
+        moved: dict[str, Any] = {}
+        for f in TENSOR_FIELDS:
+            t = getattr(self, f)
+            moved[f] = None if t is None else t.to(device)
+        return dataclasses.replace(self, **moved)
 
     @property
     def shape(self) -> tuple[int, int]:
