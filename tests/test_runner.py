@@ -13,6 +13,7 @@ from tiny_models import N_LAYERS, tiny_llama, token_ids
 from torch import nn
 
 from lowbit import dist
+from lowbit.activations import ActivationStore, Spill
 from lowbit.errors import LowbitError
 from lowbit.modules import QuantLinear
 from lowbit.pipeline import RunOptions, quantize_model, resolve_device
@@ -158,3 +159,20 @@ def test_devices() -> None:
     quantize_model(before, get_preset("w4a16"), _calib(), progress=False)
     _assert_equal(_quantized_state(model), _quantized_state(before))
     assert RunOptions().device == "cpu"
+
+
+def test_a_store_hands_its_batches_to_a_writer_on_the_host() -> None:
+    """``store[i]`` is on the run's device; ``on_host`` gives the stored batches (in memory or
+    spilled) as they are, so writing a boundary does not copy them through the GPU."""
+    spill = Spill(max_bytes=4 * 8 * 4)  # room for one (2, 4, 4) float32 batch, the next spills
+    try:
+        batches = [torch.randn(2, 4, 4), torch.randn(2, 4, 4)]
+        store = ActivationStore.of(batches, spill, device="meta")
+        assert store.on_disk == 1
+        assert store[0].device.type == "meta"
+        host = store.on_host()
+        assert [t.device.type for t in host] == ["cpu", "cpu"]
+        for got, want in zip(host, batches, strict=True):
+            assert torch.equal(got, want)
+    finally:
+        spill.close()

@@ -108,6 +108,11 @@ class ActivationStore(Sequence[torch.Tensor]):
         for i in range(len(self)):
             yield self[i]
 
+    def on_host(self) -> list[torch.Tensor]:
+        """Every batch as stored, on the CPU (spilled ones memory-mapped), not moved to ``device``:
+        for writing them out without a round trip through the GPU."""
+        return [torch.load(t, mmap=True, weights_only=True) if isinstance(t, Path) else t for t in self._items]
+
     def close(self) -> None:
         """Give the memory back to the budget and delete this store's files."""
         for item in self._items:

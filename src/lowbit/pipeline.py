@@ -256,7 +256,7 @@ def _emit(
     state = {"layers": [dataclasses.asdict(r) for r in rows], "block_error": errors.block, "model_error": errors.model}
     sink.write_block(index, tensors, table, state, kv_cache=kv)
     if outputs is not None:  # the next block's inputs: what a resumed run starts from
-        sink.save_boundary(index, list(outputs))
+        sink.save_boundary(index, outputs.on_host())
 
 
 def _resumed(sink: Sink) -> tuple[int, list[LayerReport], list[float], list[float]]:
