@@ -12,6 +12,7 @@ from lowbit.algorithms import build_algorithm
 from lowbit.algorithms.reconstruction import block_loss
 from lowbit.algorithms.rounding import clipped_qparams, grid_range, signround_weight
 from lowbit.algorithms.signround import SignRound, SignRounding
+from lowbit.algorithms.signweight import contiguous_groups, sign_weight
 from lowbit.errors import LowbitError
 from lowbit.pipeline import quantize_model
 from lowbit.qweight import quantize_weight
@@ -51,9 +52,43 @@ def test_weight_matches_a_loop_and_has_straight_through_gradients() -> None:
             s = (hi_c - lo_c) / 7
             z = min(max(round(0 - lo_c / s), 0), 7)
             q = min(max(round(float(w[r, c]) / s + float(v[r, c].detach())) + z, 0), 7)
-            assert float(got[r, c]) == pytest.approx(s * (q - z), rel=1e-5, abs=1e-6)
+            assert float(got[r, c].detach()) == pytest.approx(s * (q - z), rel=1e-5, abs=1e-6)
     got.sum().backward()
     assert v.grad is not None and bool((v.grad != 0).any())  # round is straight-through
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "act-order"])
+@pytest.mark.parametrize("spec", [W4, W3])
+def test_few_pass_weight_equals_the_autograd_formulation(spec: QuantSpec, layout: str) -> None:
+    """``signweight.sign_weight`` against ``rounding.signround_weight``: the weight and grid
+    values, and the gradients of the offsets, the scale and the zero point (through the clipping
+    factors' graph), with clipped weights and both group layouts."""
+    g = torch.Generator().manual_seed(3)
+    w = 3 * torch.randn(6, 64, generator=g)
+    qw = quantize_weight(w, spec)
+    if layout == "act-order":  # GPTQ's act-order: groups over a permutation of the columns
+        qw.g_idx = qw.g_idx[torch.randperm(64, generator=g)]
+    lo, hi = grid_range(qw)
+    v0 = torch.rand(w.shape, generator=g) - 0.5
+    f0 = 0.5 + 0.5 * torch.rand(lo.shape, generator=g)
+    group = contiguous_groups(qw.g_idx)
+    assert (group is None) == (layout == "act-order")
+    out = []
+    for fn in ("reference", "few-pass"):
+        v = v0.clone().requires_grad_(True)
+        c_lo, c_hi = f0.clone().requires_grad_(True), f0.flip(0).clone().requires_grad_(True)
+        scale, zp = clipped_qparams(lo, hi, c_lo, c_hi, qw)
+        args = (w, v, scale, zp, qw.g_idx, spec.fmt.qmin, spec.fmt.qmax)
+        weight, q = signround_weight(*args) if fn == "reference" else sign_weight(*args, group)
+        upstream = torch.randn(weight.shape, generator=torch.Generator().manual_seed(4))
+        (weight * upstream).sum().backward()
+        out.append((weight.detach(), q.detach(), v.grad, c_lo.grad, c_hi.grad))
+    (w_ref, q_ref, *grads_ref), (w_new, q_new, *grads_new) = out
+    assert torch.equal(q_new, q_ref) and bool((q_ref == spec.fmt.qmin).any() or (q_ref == spec.fmt.qmax).any())
+    assert torch.equal(w_new, w_ref)
+    for name, a, b in zip(("v", "clip_lo", "clip_hi"), grads_ref, grads_new, strict=True):
+        assert a is not None and b is not None, name
+        assert torch.allclose(b, a, rtol=1e-5, atol=1e-6), name
 
 
 def _ctx_with_teacher() -> object:

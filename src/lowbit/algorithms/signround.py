@@ -45,7 +45,8 @@ from lowbit.algorithms.reconstruction import (
     report_batches,
     student,
 )
-from lowbit.algorithms.rounding import check_fraction, clipped_qparams, grid_range, signround_weight
+from lowbit.algorithms.rounding import check_fraction, clipped_qparams, grid_range
+from lowbit.algorithms.signweight import contiguous_groups, sign_weight
 from lowbit.formats import IntFormat
 from lowbit.primitives import SCALE_DTYPES
 from lowbit.qweight import QuantizedWeight
@@ -62,6 +63,7 @@ class SignRounding:
         self.qmin, self.qmax = fmt.qmin, fmt.qmax
         self.w, self.qw = w, qw
         self.g_idx = qw.g_idx.to(device)
+        self.group = contiguous_groups(self.g_idx)  # whole contiguous groups: broadcast, no gathers
         self.v = torch.zeros_like(w, requires_grad=True)
         self.clip_lo = torch.ones_like(self.lo, requires_grad=True)
         self.clip_hi = torch.ones_like(self.hi, requires_grad=True)
@@ -74,7 +76,7 @@ class SignRounding:
 
     def _grid(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         scale, zp = clipped_qparams(self.lo, self.hi, self.clip_lo, self.clip_hi, self.qw)
-        w, q = signround_weight(self.w, self.v, scale, zp, self.g_idx, self.qmin, self.qmax)
+        w, q = sign_weight(self.w, self.v, scale, zp, self.g_idx, self.qmin, self.qmax, self.group)
         return w, q, scale, zp
 
     def weight(self) -> torch.Tensor:
