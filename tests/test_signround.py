@@ -107,8 +107,9 @@ def test_offsets_and_clipping_stay_in_bounds_and_the_result_is_never_worse() -> 
     step = SignRound(iters=25, lr=0.3, min_clip=0.6)
     learners = step.fit(ctx)  # type: ignore[arg-type]
     for learner in learners.values():
-        assert float(learner.v.min()) >= -0.5 and float(learner.v.max()) <= 0.5
-        for f in (learner.clip_lo, learner.clip_hi):
+        v = learner.v.detach()
+        assert float(v.min()) >= -0.5 and float(v.max()) <= 0.5
+        for f in (learner.clip_lo.detach(), learner.clip_hi.detach()):
             assert float(f.min()) >= 0.6 and float(f.max()) <= 1.0
     step.apply(ctx)  # type: ignore[arg-type]
     stats = ctx.stats  # type: ignore[attr-defined]
