@@ -57,8 +57,21 @@ def test_weight_matches_a_loop_and_has_straight_through_gradients() -> None:
     assert v.grad is not None and bool((v.grad != 0).any())  # round is straight-through
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "act-order"])
-@pytest.mark.parametrize("spec", [W4, W3])
+PER_CHANNEL = QuantSpec("int4", "channel", None, symmetric=False)
+PER_TENSOR = QuantSpec("int8", "tensor", None, symmetric=True)
+
+
+@pytest.mark.parametrize(
+    ("spec", "layout"),
+    [
+        (W4, "contiguous"),
+        (W3, "contiguous"),
+        (W4, "act-order"),
+        (W3, "act-order"),
+        (PER_CHANNEL, "contiguous"),
+        (PER_TENSOR, "contiguous"),
+    ],
+)
 def test_few_pass_weight_equals_the_autograd_formulation(spec: QuantSpec, layout: str) -> None:
     """``signweight.sign_weight`` against ``rounding.signround_weight``: the weight and grid
     values, and the gradients of the offsets, the scale and the zero point (through the clipping
@@ -68,6 +81,8 @@ def test_few_pass_weight_equals_the_autograd_formulation(spec: QuantSpec, layout
     qw = quantize_weight(w, spec)
     if layout == "act-order":  # GPTQ's act-order: groups over a permutation of the columns
         qw.g_idx = qw.g_idx[torch.randperm(64, generator=g)]
+    if spec.granularity == "tensor":  # GPTQ stores one (1, 1) scale per tensor
+        qw.scale, qw.zero_point = qw.scale[:1], qw.zero_point[:1]
     lo, hi = grid_range(qw)
     v0 = torch.rand(w.shape, generator=g) - 0.5
     f0 = 0.5 + 0.5 * torch.rand(lo.shape, generator=g)

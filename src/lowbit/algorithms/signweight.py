@@ -80,6 +80,7 @@ class _SignWeight(torch.autograd.Function):
             grad_v = (g * s * mask).reshape(out, inp)
         if ctx.needs_input_grad[1]:
             per_weight = g * ((q - z) - mask * w3 / s)
+            # (out, G); a per-tensor (1, 1) scale gets it summed over the rows by autograd (sum_to)
             grad_s = _per_group(per_weight, ctx.group, g_idx, ctx.groups)
         # the zero point comes out of a round (or is a constant): its gradient is zero either way
         return grad_v, grad_s, None, None, None, None, None, None
