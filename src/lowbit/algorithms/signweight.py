@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from lowbit.primitives import group_index
+
 
 def contiguous_groups(g_idx: torch.Tensor) -> int | None:
     """The group size when ``g_idx`` is ``arange(in) // group_size`` with whole groups, else None."""
@@ -35,8 +37,7 @@ def contiguous_groups(g_idx: torch.Tensor) -> int | None:
     if groups == 0 or n % groups:
         return None
     size = n // groups
-    expected = torch.arange(n, device=g_idx.device) // size
-    return size if torch.equal(g_idx.to(torch.int64), expected) else None
+    return size if torch.equal(g_idx.to("cpu", torch.int64), group_index(n, size)) else None
 
 
 class _SignWeight(torch.autograd.Function):

@@ -133,7 +133,7 @@ class SoftRounding:
     def __init__(self, w: torch.Tensor, qw: QuantizedWeight, init: str = "codes") -> None:
         device = w.device
         self.qw = qw
-        base, v0 = adaround_start(w.to(device), _on(qw, device), init)  # refuses float grids
+        base, v0 = adaround_start(w.to(device), qw.to(device), init)  # refuses float grids
         fmt = qw.spec.fmt
         assert isinstance(fmt, IntFormat)
         self.qmin, self.qmax = fmt.qmin, fmt.qmax
@@ -189,16 +189,6 @@ class SoftRounding:
             start = adaround_codes(self.base, self.v0, self.qmin, self.qmax)
             end = adaround_codes(self.base, self.v, self.qmin, self.qmax)
         return float((start != end).float().mean())
-
-
-def _on(qw: QuantizedWeight, device: torch.device) -> QuantizedWeight:
-    return dataclasses.replace(
-        qw,
-        codes=qw.codes.to(device),
-        scale=qw.scale.to(device),
-        zero_point=qw.zero_point.to(device),
-        g_idx=qw.g_idx.to(device),
-    )
 
 
 def reference_loss(loss_start: float) -> float:
