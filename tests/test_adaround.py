@@ -19,7 +19,7 @@ from lowbit import api
 from lowbit.algorithms import build_algorithm, softround
 from lowbit.algorithms.adaround import AdaRound
 from lowbit.algorithms.adaround_layer import gram_loss, learn_layer_rounding
-from lowbit.algorithms.reconstruction import MiniBatches, autocast, bf16_is_fast
+from lowbit.algorithms.reconstruction import MiniBatches, autocast, bf16_is_fast, device_room
 from lowbit.algorithms.rounding import (
     GAMMA,
     ZETA,
@@ -226,6 +226,42 @@ def test_fewer_sequences_than_the_runner_batch_train_on_row_slices() -> None:
     assert not mixed.exact_rows and len(mixed.units) == 3 and mixed.get(0)[0].shape == (4, 5, 3)
     _, _, extra = _run((Step("rtn"), Step("adaround", {"iters": 2, "batch": 1})))
     assert extra and all(e["recon_exact_rows"] == 1.0 for e in extra.values()), extra
+
+
+class _Broken(_RowBlock):
+    """Returns NaN from the call ``at`` on."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.calls, self.at = 0, at
+        self.w = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        out = super().forward(hidden, position_ids) * self.w
+        return out * float("nan") if self.calls >= self.at else out
+
+
+def test_a_non_finite_step_loss_raises_when_the_loss_is_next_read() -> None:
+    """``backward`` returns the loss as a tensor (no wait for the device per step); ``value``
+    reads it and raises if any step since the start was not finite, also a step before the one
+    read (the callers read every tenth)."""
+    ctx = _toy_ctx(_RowBlock())
+    block = _Broken(at=10**9)
+    ctx.block = block
+    batches = MiniBatches(ctx, 4, None, 0)  # type: ignore[arg-type]
+    units = batches.draw()
+    loss = batches.backward(units)
+    assert isinstance(loss, torch.Tensor) and loss.dim() == 0 and not loss.requires_grad
+    assert batches.value(loss) == pytest.approx(0.0, abs=1e-12)  # the student is the teacher
+    block.at = block.calls + 1  # the next step's output is NaN, the one after is fine again
+    batches.backward(batches.draw())
+    block.at = 10**9
+    fine = batches.backward(batches.draw())
+    assert fine.isfinite()
+    with pytest.raises(FloatingPointError, match="not finite"):
+        batches.value(fine)
+    assert device_room(torch.device("cpu")) == 0 and not batches._held  # the CPU reads the stores in place
 
 
 def test_default_learning_rate_is_lr_iters_over_iters_capped_for_the_block_target() -> None:

@@ -10,19 +10,22 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
-from tiny_models import tiny_llama, token_ids
+from tiny_models import byte_tokenizer, tiny_llama, token_ids
 from world import build_world
 
+from lowbit import api, qat
+from lowbit.algorithms.reconstruction import MiniBatches, device_room
 from lowbit.golden import checkpoint_digests
 from lowbit.job import Job, run_job
 from lowbit.modules import QuantLinear
 from lowbit.pipeline import RunOptions, quantize_model
 from lowbit.presets import get_preset
 from lowbit.qweight import TENSOR_FIELDS
-from lowbit.scheme import Step
+from lowbit.scheme import QuantSpec, Recipe, Scheme, Step
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -80,3 +83,60 @@ def test_a_streamed_job_on_cuda_writes_a_checkpoint(tmp_path: Path, recipe: str)
         digests[device] = checkpoint_digests(tmp_path / device)
     if recipe == "w4a16-rtn":
         assert digests["cpu"] == digests["cuda"]
+
+
+def test_reconstruct_steps_keep_their_batches_on_the_gpu() -> None:
+    """The stores hold calibration batches on the host; a reconstruct step on the GPU keeps the
+    ones it read there (each read was a copy the device waited for), and its losses are those of
+    the same batches read from the host."""
+    torch.manual_seed(0)
+    block = torch.nn.Linear(8, 8).cuda()
+    hidden = [torch.randn(4, 5, 8) for _ in range(3)]
+    with torch.no_grad():
+        teacher = [(block(h.cuda()) * 1.1).cpu() for h in hidden]
+
+    def batches(inputs: list[torch.Tensor]) -> MiniBatches:
+        ctx = SimpleNamespace(inputs=[(h, {}) for h in inputs], teacher=teacher, block=block)
+        return MiniBatches(ctx, 4, None, 0, "fp32")  # type: ignore[arg-type]
+
+    held = batches([h.cuda() for h in hidden])
+    assert device_room(torch.device("cuda")) > 0
+    losses = [held.value(held.backward([u])) for u in range(3)]
+    assert sorted(held._held) == [0, 1, 2]
+    assert all(t.device.type == "cuda" for _, _, t in held._held.values())
+    assert held._batch(1)[2] is held._held[1][2]  # read once
+    block.zero_grad()
+    plain = batches([h.cuda() for h in hidden])
+    plain._room = 0  # nothing kept: every read copies from the host
+    again = [plain.value(plain.backward([u])) for u in range(3)]
+    assert not plain._held and again == pytest.approx(losses, rel=1e-6)
+    assert held.loss([0, 1, 2]) == pytest.approx(sum(losses) / 3, rel=1e-5)
+
+
+def test_qat_trains_on_cuda_like_on_the_cpu(tmp_path: Path) -> None:
+    """``lowbit qat --device cuda``: the same losses as on the CPU to float rounding, a checkpoint
+    that loads on the host, and a resumed run equal to an uninterrupted one on the device."""
+    weights, acts = QuantSpec("uint4", "group", 32, False), QuantSpec("int8", "tensor", None, True)
+    w4a8 = Recipe(Scheme(weights=weights, input_activations=acts), name="w4a8-static")
+    config = qat.QATConfig(steps=6, lr=3e-2, batch_size=2, seq_len=32, save_every=2, lsq=True)
+    data = token_ids(1, 8 * 32, seed=3).reshape(-1)
+
+    def train(out: Path, device: str, **kw: object) -> qat.QATResult:
+        return qat.train(
+            tiny_llama(), w4a8, data, out, config, tokenizer=byte_tokenizer(), progress=False, device=device, **kw
+        )  # type: ignore[arg-type]
+
+    cpu = train(tmp_path / "cpu", "cpu")
+    cuda = train(tmp_path / "cuda", "cuda")
+    assert cuda.losses == pytest.approx(cpu.losses, rel=1e-3)
+    model, _, _ = api.load_quantized(cuda.out)
+    assert all(p.device.type == "cpu" for p in model.parameters())
+
+    def stop(step: int, _loss: float) -> None:
+        if step == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "cut", "cuda", on_step=stop)
+    resumed = train(tmp_path / "cut", "cuda", resume=True)
+    assert resumed.start_step == 4 and resumed.losses == cuda.losses

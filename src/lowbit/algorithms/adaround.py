@@ -242,14 +242,14 @@ class AdaRound(Algorithm):
                 for step in bar:
                     optimizer.zero_grad(set_to_none=True)
                     set_lr(optimizer, lr_at(step, self.iters, lr, self.lr_schedule))
-                    rec = batches.backward(batches.draw(), scale=1.0 / reference) * reference
+                    rec = batches.backward(batches.draw(), scale=1.0 / reference)
                     beta = beta_schedule(step, self.iters, self.warmup, self.beta_start, self.beta_end)
                     if beta is not None and self.weight() > 0:
                         for r in rounders.values():
                             r.add_regularizer_grad(self.weight(), beta)
                     optimizer.step()
-                    if step % 10 == 0:
-                        bar.set_postfix_str(f"loss {rec:.4g}")
+                    if step % 10 == 0 or step == self.iters - 1:  # the device's only wait in a step
+                        bar.set_postfix_str(f"loss {batches.value(rec) * reference:.4g}")
             _set_mode(rounders, "hard")
             loss_end = batches.loss(report) if self.iters else loss_start
         stats = {"recon_loss_start": loss_start, "recon_loss_end": loss_end}

@@ -195,6 +195,16 @@ def bf16_is_fast(device: torch.device) -> bool:
     return False
 
 
+def device_room(device: torch.device) -> int:
+    """Bytes of ``device`` that a reconstruct step may fill with calibration batches it keeps
+    there: a quarter of a GPU's free memory; 0 on the CPU (the stores' batches are already
+    there, and reading one is no copy)."""
+    if device.type != "cuda":
+        return 0
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free) // 4
+
+
 def _rows(value: Any, batch: int, start: int, count: int) -> Any:
     """``value`` with the batch dimension (dim 0 of size ``batch`` of a tensor of 2 or more
     dimensions: position ids, rotary cos/sin, masks) narrowed to ``count`` rows from ``start``;
@@ -240,6 +250,9 @@ class MiniBatches:
         assert ctx.teacher is not None
         self.precision = precision
         self.ctx, self.teacher = ctx, ctx.teacher
+        self._finite: torch.Tensor | None = None  # all losses finite so far (on the device)
+        self._held: dict[int, tuple[torch.Tensor, dict[str, Any], torch.Tensor]] = {}
+        self._room: int | None = None  # bytes left for batches kept on the device
         n = len(ctx.inputs)
         if n == 0:
             raise LowbitError("a reconstruct step needs calibration inputs")
@@ -297,10 +310,25 @@ class MiniBatches:
             out.append(self._order.pop())
         return out
 
+    def _batch(self, i: int) -> tuple[torch.Tensor, dict[str, Any], torch.Tensor]:
+        """Calibration batch ``i`` and its teacher outputs where the block runs. The stores hold
+        them on the host, so on a GPU each read is a copy the device waits for; there the first
+        reads are kept on the device while a quarter of its free memory holds them."""
+        if i in self._held:
+            return self._held[i]
+        hidden, kwargs = self.ctx.inputs[i]
+        got = (hidden, kwargs, self.teacher[i].to(hidden.device))
+        if self._room is None:
+            self._room = device_room(hidden.device)
+        size = 2 * hidden.numel() * hidden.element_size()
+        if size <= self._room:
+            self._held[i] = got
+            self._room -= size
+        return got
+
     def _unit(self, u: int) -> tuple[torch.Tensor, dict[str, Any], torch.Tensor]:
         i, r = self.units[u]
-        hidden, kwargs = self.ctx.inputs[i]
-        target = self.teacher[i].to(hidden.device)
+        hidden, kwargs, target = self._batch(i)
         if self.rows is None:
             return hidden, kwargs, target
         b = int(hidden.shape[0])
@@ -315,27 +343,38 @@ class MiniBatches:
         t = self.tokens
         return hidden[:, :t], _cut(kwargs, self.length, t), target[:, :t]
 
-    def backward(self, units: Sequence[int], scale: float = 1.0) -> float:
-        """Add the gradients of ``scale`` times the mean loss over ``units``; returns that (float)."""
-        total = 0.0
+    def backward(self, units: Sequence[int], scale: float = 1.0) -> torch.Tensor:
+        """Add the gradients of ``scale`` times the mean loss over ``units``; returns that loss as
+        a detached 0-d tensor where the block runs. Nothing here waits for the device: on a GPU a
+        ``float`` of the loss per step stalls the queue of kernels, so the callers read it with
+        ``value`` only when they need it, and a non-finite loss raises there."""
+        total: torch.Tensor | None = None
         for u in units:
             hidden, kwargs, target = self.get(u)
             with autocast(hidden.device, self.precision):
                 out = self.ctx.block(hidden, **kwargs)
             loss = block_loss(out, target) * (scale / len(units))
-            if not torch.isfinite(loss):
-                raise FloatingPointError("reconstruction loss is not finite")
             loss.backward()
-            total += float(loss.detach())
+            total = loss.detach() if total is None else total + loss.detach()
+        assert total is not None
+        finite = torch.isfinite(total)
+        self._finite = finite if self._finite is None else self._finite & finite
         return total
+
+    def value(self, loss: torch.Tensor) -> float:
+        """``float(loss)``; raises ``FloatingPointError`` if any step's loss so far was not finite
+        (a NaN or an infinity in the block's output: the learned parameters are lost with it)."""
+        if self._finite is not None and not bool(self._finite):
+            raise FloatingPointError("reconstruction loss is not finite")
+        return float(loss)
 
     @torch.no_grad()
     def loss(self, indices: Sequence[int]) -> float:
         """Mean loss over the runner's batches ``indices`` (whole, full length) of the student as it is now."""
         total = 0.0
         for i in indices:
-            hidden, kwargs = self.ctx.inputs[i]
-            total += float(block_loss(self.ctx.block(hidden, **kwargs), self.teacher[i].to(hidden.device)))
+            hidden, kwargs, target = self._batch(i)
+            total += float(block_loss(self.ctx.block(hidden, **kwargs), target))
         return total / max(len(indices), 1)
 
 

@@ -195,7 +195,7 @@ class SignRound(Algorithm):
                 for step in bar:
                     for p in params:
                         p.grad = None
-                    loss = batches.backward(batches.draw())
+                    loss = batches.value(batches.backward(batches.draw()))
                     if loss < best_loss:  # the parameters before this step's update
                         best_loss, best = loss, {n: learner.snapshot() for n, learner in learners.items()}
                     with torch.no_grad():
