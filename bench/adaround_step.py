@@ -6,7 +6,8 @@ against lowbit's few-pass soft weight (``lowbit.algorithms.softround``) and fuse
 Both paths train the same rounding variables (int4, groups of 64, RTN start) on the same
 sequence of ``tokens`` random hidden states against the float block's output, with the
 regulariser on (beta 10), and print the milliseconds per step, their ratio, the time of the
-block's forward and backward alone (frozen weights: what a step cannot go below), and the
+block's forward and backward alone (frozen weights), the same with its weights' gradients (the
+matmuls a rounding step needs: what a step cannot go below), and the
 largest difference between the two paths' losses over the steps (the same math: rounding-level
 differences only). Random weights: a step's time does not depend on their values.
 """
@@ -87,14 +88,21 @@ def run(
     return seconds, [float(t) for t in losses]
 
 
-def frozen_pass(tokens: int, precision: str, steps: int, device: torch.device) -> float:
+def frozen_pass(tokens: int, precision: str, steps: int, device: torch.device, weight_grads: bool = False) -> float:
+    """The block's forward and backward to its input (frozen weights), or with ``weight_grads``
+    also to its plain weights: the matmuls a rounding step needs, without any rounding work."""
     block, x, kwargs, target = block_and_inputs(tokens, device)
-    x = x.clone().requires_grad_(True)
+    x = x.clone().requires_grad_(not weight_grads)  # a rounding step needs no input gradient
+    for m in block.modules():
+        if weight_grads and isinstance(m, torch.nn.Linear):
+            m.weight.requires_grad_(True)
 
     def step() -> None:
         with torch.enable_grad(), autocast(x.device, precision):
             out = block(x, **kwargs)
         block_loss(out, target).backward()
+        for p in block.parameters():
+            p.grad = None
 
     return timed(step, steps, device)
 
@@ -125,12 +133,14 @@ def main() -> None:
     ref_s, ref_losses = run(ReferenceRounding, args.steps, args.tokens, args.precision, device)
     new_s, new_losses = run(SoftRounding, args.steps, args.tokens, args.precision, device)
     floor_s = frozen_pass(args.tokens, args.precision, args.steps, device)
+    grads_s = frozen_pass(args.tokens, args.precision, args.steps, device, weight_grads=True)
     diff = max(abs(a - b) / max(abs(a), 1e-12) for a, b in zip(ref_losses, new_losses, strict=True))
     setting = f"1 x {args.tokens} tokens, {args.precision}, {args.steps} steps"
     print(f"{device}, threads {torch.get_num_threads()}, {setting}")
     print(f"autograd reference     {1e3 * ref_s:8.1f} ms/step")
     print(f"lowbit (few-pass)      {1e3 * new_s:8.1f} ms/step   reference / lowbit {ref_s / new_s:.2f}x")
     print(f"block fwd+bwd, frozen  {1e3 * floor_s:8.1f} ms/step   lowbit / frozen {new_s / floor_s:.2f}x")
+    print(f"block fwd+bwd, weights {1e3 * grads_s:8.1f} ms/step   lowbit / this {new_s / grads_s:.2f}x")
     print(f"largest relative loss difference over the steps: {diff:.2e}")
 
 
