@@ -115,19 +115,23 @@ def test_reconstruct_steps_keep_their_batches_on_the_gpu() -> None:
 
 def test_qat_trains_on_cuda_like_on_the_cpu(tmp_path: Path) -> None:
     """``lowbit qat --device cuda``: the same losses as on the CPU to float rounding, a checkpoint
-    that loads on the host, and a resumed run equal to an uninterrupted one on the device."""
+    that loads on the host, a resumed run equal to an uninterrupted one on the device, and the float
+    model passed in left on the host (also by an interrupted run)."""
     weights, acts = QuantSpec("uint4", "group", 32, False), QuantSpec("int8", "tensor", None, True)
     w4a8 = Recipe(Scheme(weights=weights, input_activations=acts), name="w4a8-static")
     config = qat.QATConfig(steps=6, lr=3e-2, batch_size=2, seq_len=32, save_every=2, lsq=True)
     data = token_ids(1, 8 * 32, seed=3).reshape(-1)
 
-    def train(out: Path, device: str, **kw: object) -> qat.QATResult:
+    def train(out: Path, device: str, model: torch.nn.Module | None = None, **kw: object) -> qat.QATResult:
+        model = tiny_llama() if model is None else model
         return qat.train(
-            tiny_llama(), w4a8, data, out, config, tokenizer=byte_tokenizer(), progress=False, device=device, **kw
+            model, w4a8, data, out, config, tokenizer=byte_tokenizer(), progress=False, device=device, **kw
         )  # type: ignore[arg-type]
 
     cpu = train(tmp_path / "cpu", "cpu")
-    cuda = train(tmp_path / "cuda", "cuda")
+    teacher = tiny_llama()
+    cuda = train(tmp_path / "cuda", "cuda", teacher)
+    assert all(p.device.type == "cpu" for p in teacher.parameters())  # the float model passed in stays
     assert cuda.losses == pytest.approx(cpu.losses, rel=1e-3)
     model, _, _ = api.load_quantized(cuda.out)
     assert all(p.device.type == "cpu" for p in model.parameters())
@@ -137,6 +141,7 @@ def test_qat_trains_on_cuda_like_on_the_cpu(tmp_path: Path) -> None:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train(tmp_path / "cut", "cuda", on_step=stop)
+        train(tmp_path / "cut", "cuda", teacher, on_step=stop)
+    assert all(p.device.type == "cpu" for p in teacher.parameters())  # also when interrupted
     resumed = train(tmp_path / "cut", "cuda", resume=True)
     assert resumed.start_step == 4 and resumed.losses == cuda.losses

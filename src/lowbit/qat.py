@@ -179,79 +179,84 @@ def train(
         "device": device,
     }
     dev = torch.device(device)
+    home = next(teacher.parameters()).device  # a model passed in memory goes back there
     student.to(dev).eval()
     teacher.to(dev)
-    grid, absolute, scales = freeze_all_but(student, names, config.train_weights)
-    lr = config.learning_rate
-    groups: list[dict[str, Any]] = []
-    if grid:
-        groups.append({"params": grid, "lr": lr, "weight_decay": config.weight_decay})
-    if absolute:  # a grid-less layer in grid units trains at the absolute default
-        absolute_lr = lr if config.lr_unit == "absolute" else DEFAULT_LR["absolute"]
-        groups.append({"params": absolute, "lr": absolute_lr, "weight_decay": config.weight_decay})
-    if scales:
-        groups.append({"params": scales, "lr": config.scale_lr or lr, "weight_decay": 0.0})
-    base_lrs = [g["lr"] for g in groups]
-    optimizer = torch.optim.AdamW(groups, lr=lr)
-    trained = [p for g in groups for p in g["params"]]
+    try:
+        grid, absolute, scales = freeze_all_but(student, names, config.train_weights)
+        lr = config.learning_rate
+        groups: list[dict[str, Any]] = []
+        if grid:
+            groups.append({"params": grid, "lr": lr, "weight_decay": config.weight_decay})
+        if absolute:  # a grid-less layer in grid units trains at the absolute default
+            absolute_lr = lr if config.lr_unit == "absolute" else DEFAULT_LR["absolute"]
+            groups.append({"params": absolute, "lr": absolute_lr, "weight_decay": config.weight_decay})
+        if scales:
+            groups.append({"params": scales, "lr": config.scale_lr or lr, "weight_decay": 0.0})
+        base_lrs = [g["lr"] for g in groups]
+        optimizer = torch.optim.AdamW(groups, lr=lr)
+        trained = [p for g in groups for p in g["params"]]
 
-    where = state_dir(out)
-    step, position, losses = 0, 0, []
-    if resume:
-        state = load_state(where, fingerprint)
-        with torch.no_grad():
-            for p, saved in zip(trained, state["tensors"], strict=True):
-                p.copy_(saved.to(p.device))
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
-        step, position, losses = state["step"], state["position"], list(state["losses"])
-    elif (where / STATE_FILE).exists():
-        if not overwrite:
-            raise LowbitError(
-                f"an interrupted QAT run into {out} left its state in {where}: add --resume to continue it, or "
-                "--overwrite to start again"
-            )
-        shutil.rmtree(where)
-    first = step
-    bar = tqdm(total=config.steps, initial=step, desc="qat", unit="step", disable=not progress)
-    while step < config.steps:
-        batch = windows[batch_indices(position, config.batch_size, len(windows), config.seed)].to(dev)
-        optimizer.zero_grad(set_to_none=True)
-        loss = _loss(student, teacher, batch, config)
-        if not torch.isfinite(loss):
-            raise LowbitError(
-                f"the QAT loss is {float(loss)} at step {step + 1}; lower --lr (now {lr:g}) and start again"
-            )
-        loss.backward()
-        if config.clip_norm:
-            torch.nn.utils.clip_grad_norm_(trained, config.clip_norm)
-        for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
-            group["lr"] = base * config.lr_factor(step)  # a function of the step: resumes exactly
-        optimizer.step()
-        for name in names:
-            layer = student.get_submodule(name)
-            assert isinstance(layer, QATLinear)
-            layer.keep_scales_positive()
-        step, position = step + 1, position + config.batch_size
-        losses.append(float(loss.detach()))
-        bar.update(1)
-        bar.set_postfix(loss=f"{losses[-1]:.4g}")
-        if config.save_every and step % config.save_every == 0 and step < config.steps:
-            save_state(
-                where,
-                {
-                    "fingerprint": fingerprint,
-                    "step": step,
-                    "position": position,
-                    "losses": losses,
-                    "tensors": [p.detach().cpu().clone() for p in trained],
-                    "optimizer": optimizer.state_dict(),
-                    "rng": rng_state(),
-                },
-            )
-        if on_step is not None:
-            on_step(step, losses[-1])
-    bar.close()
+        where = state_dir(out)
+        step, position, losses = 0, 0, []
+        if resume:
+            state = load_state(where, fingerprint)
+            with torch.no_grad():
+                for p, saved in zip(trained, state["tensors"], strict=True):
+                    p.copy_(saved.to(p.device))
+            optimizer.load_state_dict(state["optimizer"])
+            set_rng_state(state["rng"])
+            step, position, losses = state["step"], state["position"], list(state["losses"])
+        elif (where / STATE_FILE).exists():
+            if not overwrite:
+                raise LowbitError(
+                    f"an interrupted QAT run into {out} left its state in {where}: add --resume to continue it, or "
+                    "--overwrite to start again"
+                )
+            shutil.rmtree(where)
+        first = step
+        bar = tqdm(total=config.steps, initial=step, desc="qat", unit="step", disable=not progress)
+        while step < config.steps:
+            batch = windows[batch_indices(position, config.batch_size, len(windows), config.seed)].to(dev)
+            optimizer.zero_grad(set_to_none=True)
+            loss = _loss(student, teacher, batch, config)
+            if not torch.isfinite(loss):
+                raise LowbitError(
+                    f"the QAT loss is {float(loss)} at step {step + 1}; lower --lr (now {lr:g}) and start again"
+                )
+            loss.backward()
+            if config.clip_norm:
+                torch.nn.utils.clip_grad_norm_(trained, config.clip_norm)
+            for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
+                group["lr"] = base * config.lr_factor(step)  # a function of the step: resumes exactly
+            optimizer.step()
+            for name in names:
+                layer = student.get_submodule(name)
+                assert isinstance(layer, QATLinear)
+                layer.keep_scales_positive()
+            step, position = step + 1, position + config.batch_size
+            losses.append(float(loss.detach()))
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4g}")
+            if config.save_every and step % config.save_every == 0 and step < config.steps:
+                save_state(
+                    where,
+                    {
+                        "fingerprint": fingerprint,
+                        "step": step,
+                        "position": position,
+                        "losses": losses,
+                        "tensors": [p.detach().cpu().clone() for p in trained],
+                        "optimizer": optimizer.state_dict(),
+                        "rng": rng_state(),
+                    },
+                )
+            if on_step is not None:
+                on_step(step, losses[-1])
+        bar.close()
+    finally:
+        if not isinstance(model, str):
+            teacher.to(home)
 
     final = finished_model(student, names).to("cpu")
     provenance = {
