@@ -3,7 +3,8 @@
 Until stop 25 no preset that collects a Hessian (GPTQ, OWQ, the -ar presets) nor one that
 quantizes activations to FP8 ran on CUDA at all: buffers allocated on the CPU met activations on
 the GPU. ``bench/gpu_check.py`` prints the same comparison as a table; on an H200 (torch 2.11)
-every preset below ran, RTN and BCQ equal to the CPU's bit for bit, the rest within 4% in error.
+it ran every preset below, RTN and BCQ equal to the CPU's bit for bit, the rest within 4% in
+error. This file itself has not yet run under pytest on a GPU: ``bench/gpu_session.sh`` runs it.
 """
 
 from __future__ import annotations
