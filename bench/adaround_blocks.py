@@ -11,8 +11,8 @@ the step's seconds on that block; then the whole run's seconds (load, GPTQ, floa
 
 ``--undecided``: also the share of the block's weights still undecided (``h(V)`` strictly between
 0 and 1, so the step can still move them) every 20 steps, for judging how many steps a schedule
-needs. On blocks 0-1, 16 x 512 calibration, the defaults: 57-74% after the 40 warm-up steps,
-1-14% twenty steps later and under 0.6% in the last 20 steps, for w4a16-ar, w3a16-ar and w2a16-ar.
+needs. On blocks 0-1, 16 x 512 calibration, the defaults, for w4a16-ar, w3a16-ar and w2a16-ar:
+58-64% after the 40 warm-up steps, 5-12% twenty steps later and at most 0.3% from step 180.
 """
 
 from __future__ import annotations
@@ -32,18 +32,28 @@ from lowbit import api
 EVERY = 20
 
 
+Counts = list[tuple[int, int]]  # per step: (weights with 0 < h(V) < 1, weights)
+
+
 @contextmanager
-def undecided_counts(log: list[list[tuple[int, int]]]) -> Iterator[None]:
-    """While open, ``log`` gets one list per rounding variable ``V`` (in the order they first train):
-    for each step, (weights with ``0 < h(V) < 1``, weights)."""
+def undecided_counts(blocks: list[list[Counts]]) -> Iterator[None]:
+    """While open, ``blocks`` gets a list per block that trains, holding one ``Counts`` per
+    rounding variable ``V``. A block's variables all first appear in its first forward, before any
+    of them appears again, so a new ``V`` after a repeat starts the next block."""
     original = softround.SoftParts.of
+    repeated = True  # the next new V starts a block
 
     def of(v: torch.Tensor) -> softround.SoftParts:
+        nonlocal repeated
         parts = original(v)
-        if not hasattr(v, "_undecided"):
-            v._undecided = []  # type: ignore[attr-defined]
-            log.append(v._undecided)  # type: ignore[attr-defined]
-        v._undecided.append((int((parts.dh > 0).sum()), parts.dh.numel()))  # type: ignore[attr-defined]
+        counts: Counts | None = getattr(v, "_undecided", None)
+        if counts is None:
+            if repeated:
+                blocks.append([])
+            counts = v._undecided = []  # type: ignore[attr-defined]
+            blocks[-1].append(counts)
+        repeated = bool(counts)
+        counts.append((int((parts.dh > 0).sum()), parts.dh.numel()))
         return parts
 
     softround.SoftParts.of = of  # type: ignore[method-assign]
@@ -53,11 +63,10 @@ def undecided_counts(log: list[list[tuple[int, int]]]) -> Iterator[None]:
         softround.SoftParts.of = original  # type: ignore[method-assign]
 
 
-def undecided_line(layers: list[list[tuple[int, int]]]) -> str:
-    steps = min(len(x) for x in layers)
-    shares = []
-    for i in [*range(0, steps, EVERY), steps - 1]:
-        shares.append(sum(x[i][0] for x in layers) / sum(x[i][1] for x in layers))
+def undecided_line(block: list[Counts]) -> str:
+    """The block's share of undecided weights every ``EVERY`` steps and at its last step."""
+    steps = min(len(c) for c in block)
+    shares = [sum(c[i][0] for c in block) / sum(c[i][1] for c in block) for i in [*range(0, steps, EVERY), steps - 1]]
     return f"  undecided every {EVERY} steps: " + " ".join(f"{v:.3f}" for v in shares)
 
 
@@ -80,13 +89,12 @@ def main() -> int:
     targets = (r"re:model\.layers\.(" + "|".join(str(i) for i in range(args.blocks)) + r")\..*",)
     recipe = dataclasses.replace(recipe, scheme=dataclasses.replace(recipe.scheme, targets=targets))
     start = time.perf_counter()
-    log: list[list[tuple[int, int]]] = []
+    undecided: list[list[Counts]] = []
     if args.undecided:  # an extra pass over the weights per step: the seconds read higher
-        with undecided_counts(log):
+        with undecided_counts(undecided):
             report = api.quantize(model, recipe, calib, progress=False)
     else:
         report = api.quantize(model, recipe, calib, progress=False)
-    per_block = len(log) // max(args.blocks, 1)
     seen: set[str] = set()
     for row in report.layers:
         block, e = row.name.split(".")[2], row.extra
@@ -98,9 +106,8 @@ def main() -> int:
             f"flipped {e.get('recon_flipped', 0.0):.3f}, reverted {bool(e.get('recon_reverted'))}, "
             f"{e.get('recon_seconds', 0.0):.1f} s"
         )
-        if per_block:
-            i = len(seen) - 1
-            print(undecided_line(log[i * per_block : (i + 1) * per_block]))
+        if len(undecided) >= len(seen):  # blocks that trained, in order
+            print(undecided_line(undecided[len(seen) - 1]))
     seconds = time.perf_counter() - start
     print(f"{args.samples} x {args.seq_len} calibration tokens, overrides {overrides}, {seconds:.0f} s")
     return 0

@@ -94,8 +94,8 @@ GPTQ's time (200 steps: +3.83%, KL 0.0754, 2.9x); at lr 0.3 +2.30%, KL 0.0889; w
 ``lr_schedule="linear"`` (auto-round's decay to 0) +2.77%, KL 0.0890. KL, the closer measure of
 the model's output, prefers 200 steps at a constant rate, which stays the default. Most of a
 run's steps move few weights: on blocks 0-1 (``bench/adaround_blocks.py --undecided``, 16 x 512)
-57-74% of a layer's weights are still soft when the regulariser starts at step 40, 1-14% at step
-60 and under 0.6% from step 180, at 4, 3 and 2 bits alike; yet those later steps are what
+58-64% of a block's weights are still soft when the regulariser starts at step 40, 5-12% at step
+60 and at most 0.3% from step 180, at 4, 3 and 2 bits alike; yet those later steps are what
 100 more steps bought above.
 
 The result is kept only if its (hard-rounded) loss on the report batches is not above the
